@@ -1,0 +1,84 @@
+"""Export a Set-and-Sequence adapter as a plain LoRA file for ComfyUI or diffusers.
+
+method.md, "LoRA parametrization": the delta scale * basis @ (s_id * coeff + s_mot * residual)
+is still rank r, so it is exactly a standard LoRA with
+
+    lora_B = scale * basis                     (out, r)
+    lora_A = s_id * coeff + s_mot * residual   (r, in)
+
+The scale is baked into lora_B and the strengths into lora_A, so every loader must apply the
+product with scale 1. No DropConnect is applied: export is the inference-time delta.
+
+Key formats (checked against the loaders' source):
+- "comfyui": original Wan module names, `diffusion_model.blocks.N.self_attn.q.lora_A.weight`,
+  `.lora_B.weight` and `.alpha`. ComfyUI (comfy/lora.py model_lora_keys_unet) maps
+  `diffusion_model.<module>` to every weight of the diffusion model, and its LoRA adapter
+  (comfy/weight_adapter/lora.py) reads `<x>.lora_B.weight` as up, `<x>.lora_A.weight` as down and
+  scales by `<x>.alpha` / rank; alpha = r gives scale 1. diffusers reads the same file too:
+  WanLoraLoaderMixin.lora_state_dict sees the `diffusion_model.` prefix and converts it with
+  _convert_non_diffusers_wan_lora_to_diffusers, which also folds alpha / rank (= 1) into the factors.
+- "diffusers": peft keys on diffusers module names, `transformer.blocks.N.attn1.to_q.lora_A.weight`.
+  WanTransformer3DModel.load_lora_adapter infers r from lora_B and, without alphas or
+  `lora_adapter_metadata`, sets lora_alpha = r, so scale 1 again.
+Shapes: r rank, in / out the wrapped layer's feature sizes.
+"""
+import os
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from lora.lora import lora_modules
+
+# Original Wan block linears -> diffusers WanTransformerBlock linears: the inverse of the ten
+# LoRA-target entries of model/loader.py dit_key_from_diffusers, kept here so an export reads
+# only the names it needs.
+WAN_TO_DIFFUSERS = {
+    "self_attn.q": "attn1.to_q",
+    "self_attn.k": "attn1.to_k",
+    "self_attn.v": "attn1.to_v",
+    "self_attn.o": "attn1.to_out.0",
+    "cross_attn.q": "attn2.to_q",
+    "cross_attn.k": "attn2.to_k",
+    "cross_attn.v": "attn2.to_v",
+    "cross_attn.o": "attn2.to_out.0",
+    "ffn.0": "ffn.net.0.proj",
+    "ffn.2": "ffn.net.2",
+}
+
+
+def diffusers_module_name(name: str) -> str:
+    """'blocks.3.cross_attn.o' -> 'transformer.blocks.3.attn2.to_out.0'."""
+    blocks, index, layer = name.split(".", 2)
+    if blocks != "blocks" or not index.isdigit() or layer not in WAN_TO_DIFFUSERS:
+        raise ValueError(f"export_lora: {name!r} has no diffusers name; the diffusers format covers "
+                         f"blocks.N.{{{', '.join(WAN_TO_DIFFUSERS)}}}")
+    return f"transformer.blocks.{index}.{WAN_TO_DIFFUSERS[layer]}"
+
+
+@torch.no_grad()
+def export_lora(model: nn.Module, path: str, fmt: str, s_id: float = 1.0,
+                s_mot: float = 1.0) -> dict[str, torch.Tensor]:
+    """Write the model's adapters as a plain LoRA safetensors file; returns what was written."""
+    if fmt not in ("comfyui", "diffusers"):
+        raise ValueError(f"export_lora: fmt must be 'comfyui' or 'diffusers', got {fmt!r}")
+    adapters = lora_modules(model)
+    if not adapters:
+        raise ValueError("export_lora: the model has no adapter; call inject(model) and load one first")
+    tensors = {}
+    for name, m in adapters.items():
+        lora_b = (m.scale * m.basis).contiguous().cpu()                            # (out, r)
+        lora_a = (s_id * m.coeff + s_mot * m.residual).contiguous().cpu()          # (r, in)
+        if fmt == "comfyui":
+            prefix = f"diffusion_model.{name}"
+            # alpha = r: ComfyUI and diffusers multiply by alpha / r, which must be 1 (scale is in lora_B).
+            tensors[f"{prefix}.alpha"] = torch.tensor(float(m.rank))
+        else:
+            prefix = diffusers_module_name(name)
+        tensors[f"{prefix}.lora_A.weight"] = lora_a
+        tensors[f"{prefix}.lora_B.weight"] = lora_b
+    # Write then rename, so a crash never leaves a truncated LoRA under the real name.
+    tmp = f"{path}.tmp"
+    save_file(tensors, tmp, metadata={"format": "pt", "source": "set-and-sequence"})
+    os.replace(tmp, path)
+    return tensors

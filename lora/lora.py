@@ -1,0 +1,241 @@
+"""The Set-and-Sequence LoRA: a shared identity basis, identity coefficients, a motion residual.
+
+Follows shared/reference/method.md, "LoRA parametrization" (paper Eq. 2, 3, 6) and
+"Regularization" 1 (Eq. 10). For a frozen linear layer y = W x, W of shape (out, in):
+
+    stage "set":       W' = W + scale * basis @ coeff
+    stage "sequence":  W' = W + scale * basis @ (coeff + residual)
+    inference:         W' = W + scale * basis @ (s_id * coeff + s_mot * residual)
+
+with basis (out, r) = the paper's A1, coeff (r, in) = B1, residual (r, in) = B2, scale = alpha / r.
+The basis is the OUTPUT-side factor (method.md DECISION), so it plays the role of a standard
+LoRA's lora_B and coeff + residual the role of lora_A; lora/export.py relies on that.
+
+This file holds the module, its injection into a DiT (original Wan module names: blocks.N.self_attn.q,
+..., blocks.N.ffn.2), the stage switch (which tensors train, which get DropConnect) and the
+safetensors save / strict load of the adapter tensors.
+Shapes: r rank, in / out the wrapped layer's feature sizes, "..." any leading dims (B, L).
+"""
+import json
+import math
+import os
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+# DropConnect probability per stage (method.md, Regularization 1: 0.8 in Set, 0.5 in Sequence).
+DEFAULT_DROP = {"set": 0.8, "sequence": 0.5, "eval": 0.0}
+# Every linear of every DiT block (method.md DECISION, as the common Wan LoRA trainers do).
+DEFAULT_TARGET_PATTERN = re.compile(r"blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.[02])")
+
+
+def drop_connect(weight: torch.Tensor, p: float) -> torch.Tensor:
+    """Eq. 10: zero each ENTRY of the matrix with probability p, scale the rest by 1/(1-p)."""
+    # Inverted scaling keeps E[mask * w] = w, so inference uses the plain matrix (method.md DECISION).
+    # The mask comes from the global torch RNG of the weight's device: seeded once by the training
+    # script, it is reproducible run to run, and a fresh mask is drawn on every forward.
+    keep = torch.rand_like(weight) >= p  # Bernoulli(1 - p), same shape as the weight
+    return weight * keep / (1.0 - p)
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus scale * basis @ (s_id * coeff + s_mot * residual)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        out_dim, in_dim = base.weight.shape
+        self.base = base.requires_grad_(False)
+        self.rank = rank
+        self.alpha = alpha
+        self.scale = alpha / rank
+        # Adapter tensors are fp32 whatever the base dtype: AdamW updates them, and a bf16 copy
+        # would round away steps of lr=1e-4. The forward casts them to the activation dtype.
+        device, fp32 = base.weight.device, torch.float32
+        # A1, output side / B1, input side / B2, the motion residual on the coefficients.
+        self.basis = nn.Parameter(torch.zeros(out_dim, rank, device=device, dtype=fp32))
+        self.coeff = nn.Parameter(torch.empty(rank, in_dim, device=device, dtype=fp32))
+        self.residual = nn.Parameter(torch.zeros(rank, in_dim, device=device, dtype=fp32))
+        # The zero goes on the basis because it is the output-side factor (method.md DECISION), the
+        # place of a standard LoRA's zero lora_B: the delta is exactly 0 at init, yet the basis gets
+        # a gradient at step 0 (it sees coeff @ x, coeff random): stage "set" starts exactly as a
+        # standard LoRA (the single-stage baseline) does. The residual starts at zero too, so at the
+        # start of stage "sequence" the model equals the stage-"set" model, and the residual still
+        # gets a gradient through the now-trained basis.
+        nn.init.kaiming_uniform_(self.coeff, a=math.sqrt(5))  # nn.Linear's / peft's lora_A init
+        # Inference strengths of identity and motion (method.md, Inference); 1.0 while training.
+        self.s_id = 1.0
+        self.s_mot = 1.0
+        # Set by set_stage(): which matrix DropConnect masks, and with which probability.
+        self.stage = "eval"
+        self.p = 0.0
+
+    def effective_coeff(self) -> torch.Tensor:
+        """The (r, in) right factor of the delta, with DropConnect when training."""
+        coeff, residual = self.coeff, self.residual
+        if self.training and self.p > 0:
+            if self.stage == "set":
+                coeff = drop_connect(coeff, self.p)        # stage 1 regularizes the identity coefficients
+            elif self.stage == "sequence":
+                residual = drop_connect(residual, self.p)  # stage 2: only the trainable residual
+        return self.s_id * coeff + self.s_mot * residual   # (r, in)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense (out, in) update; for tests and inspection only, training never builds it."""
+        return self.scale * self.basis @ self.effective_coeff()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)                                        # (..., out), the frozen layer
+        # Two thin matmuls through the rank-r bottleneck instead of materializing W' (out, in).
+        h = F.linear(x, self.effective_coeff().to(x.dtype))     # (..., r)
+        return y + self.scale * F.linear(h, self.basis.to(x.dtype))  # (..., out)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, stage={self.stage}, p={self.p}"
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every injected LoRALinear of the model, by its full module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """Names of every block's self_attn q/k/v/o, cross_attn q/k/v/o, ffn.0 and ffn.2 linear."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and DEFAULT_TARGET_PATTERN.fullmatch(name)]
+
+
+def inject(model: nn.Module, targets: list[str] | None = None, rank: int = 8,
+           alpha: float | None = None) -> list[str]:
+    """Replace each target nn.Linear (full module name) by a LoRALinear; returns the targets."""
+    if rank < 1:
+        raise ValueError(f"inject: rank must be >= 1, got {rank}")
+    alpha = float(rank) if alpha is None else float(alpha)  # default scale alpha / r = 1
+    targets = default_targets(model) if targets is None else list(targets)
+    if not targets:
+        raise ValueError("inject: no target layers (the model has no blocks.N.self_attn/cross_attn/ffn linears)")
+    # Check every name before replacing anything, so a typo leaves the model untouched.
+    modules = dict(model.named_modules())
+    for name in targets:
+        if name not in modules:
+            raise ValueError(f"inject: target {name!r} is not a module of the model")
+        if isinstance(modules[name], LoRALinear):
+            raise ValueError(f"inject: target {name!r} already has an adapter")
+        if type(modules[name]) is not nn.Linear:
+            raise ValueError(f"inject: target {name!r} is a {type(modules[name]).__name__}, not an nn.Linear")
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        # setattr also works inside nn.Sequential (ffn.0): its children are named "0", "1", ...
+        setattr(model.get_submodule(parent_name), child, LoRALinear(modules[name], rank, alpha))
+    return targets
+
+
+def set_stage(model: nn.Module, stage: str, p: float | None = None) -> None:
+    """Freeze everything, then unfreeze the stage's tensors and set its DropConnect probability."""
+    if stage not in DEFAULT_DROP:
+        raise ValueError(f"set_stage: stage must be one of {list(DEFAULT_DROP)}, got {stage!r}")
+    p = DEFAULT_DROP[stage] if p is None else p
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"set_stage: drop probability must be in [0, 1), got {p}")
+    if stage == "eval" and p != 0.0:
+        raise ValueError("set_stage: stage 'eval' trains nothing, so it takes no drop probability")
+    adapters = lora_modules(model)
+    if not adapters:
+        raise ValueError("set_stage: the model has no adapter; call inject(model) first")
+    model.requires_grad_(False)  # base weights stay frozen in every stage
+    for m in adapters.values():
+        m.stage, m.p = stage, p
+        if stage == "set":
+            # Stage 1 (Set): identity basis and coefficients learn from unordered frames.
+            m.basis.requires_grad_(True)
+            m.coeff.requires_grad_(True)
+        elif stage == "sequence":
+            # Stage 2 (Sequence): the basis and coeff are frozen, so motion must live in their span.
+            m.residual.requires_grad_(True)
+    # DropConnect also needs training mode (model.train()); the caller owns train/eval mode.
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters that require grad, by name: what the optimizer must get, nothing more."""
+    # Passing only these to AdamW matters: its weight decay would shrink any tensor it holds.
+    return {name: param for name, param in model.named_parameters() if param.requires_grad}
+
+
+# ---- save / load: only the adapter tensors, with what is needed to check a later load ----
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """basis / coeff / residual of every adapter, keyed '<module name>.basis' etc."""
+    return {f"{name}.{tensor}": getattr(m, tensor).detach()
+            for name, m in lora_modules(model).items() for tensor in ("basis", "coeff", "residual")}
+
+
+def adapter_hyperparameters(model: nn.Module) -> tuple[int, float, list[str]]:
+    """(rank, alpha, targets) shared by all adapters of the model."""
+    adapters = lora_modules(model)
+    if not adapters:
+        raise ValueError("the model has no adapter; call inject(model) first")
+    ranks_alphas = {(m.rank, m.alpha) for m in adapters.values()}
+    if len(ranks_alphas) > 1:
+        raise ValueError(f"adapters with different (rank, alpha) in one model: {sorted(ranks_alphas)}")
+    (rank, alpha), = ranks_alphas
+    return rank, alpha, list(adapters)
+
+
+def save_adapter(path: str, model: nn.Module, meta: dict) -> None:
+    """Write the adapter tensors and JSON metadata to a safetensors file, atomically."""
+    # meta must say which base model and stage this is; it may add prompts, tokens, config, ...
+    for key in ("base_model_id", "stage"):
+        if key not in meta:
+            raise ValueError(f"save_adapter: meta needs a {key!r} entry")
+    rank, alpha, targets = adapter_hyperparameters(model)
+    header = {"format_version": FORMAT_VERSION, "rank": rank, "alpha": alpha, "targets": targets}
+    clash = sorted(set(header) & set(meta))
+    if clash:
+        raise ValueError(f"save_adapter: meta may not set {clash}; they are read from the model")
+    # safetensors metadata is str -> str: every value is stored as JSON and decoded by load_adapter.
+    metadata = {key: json.dumps(value) for key, value in {**header, **meta}.items()}
+    tensors = {key: t.contiguous().cpu() for key, t in adapter_state_dict(model).items()}
+    # Write then rename: a crash mid-write never leaves a truncated file under the real name.
+    tmp = f"{path}.tmp"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_adapter(path: str, model: nn.Module, base_model_id: str) -> dict:
+    """Copy a saved adapter into the injected model, strictly; returns the decoded metadata."""
+    with safe_open(path, framework="pt") as f:
+        raw = f.metadata() or {}
+    meta = {key: json.loads(value) for key, value in raw.items()}
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"load_adapter: {path} has format_version {meta.get('format_version')}, "
+                         f"this code reads {FORMAT_VERSION}; is it a Set-and-Sequence adapter file?")
+    if meta.get("base_model_id") != base_model_id:
+        raise ValueError(f"load_adapter: {path} was trained on base model {meta.get('base_model_id')!r}, "
+                         f"not {base_model_id!r}; load that base model first")
+    rank, alpha, targets = adapter_hyperparameters(model)
+    if (meta["rank"], meta["alpha"]) != (rank, alpha):
+        raise ValueError(f"load_adapter: {path} has rank={meta['rank']}, alpha={meta['alpha']}, the model "
+                         f"was injected with rank={rank}, alpha={alpha}; call inject(model, rank="
+                         f"{meta['rank']}, alpha={meta['alpha']}) on a fresh model")
+    if set(meta["targets"]) != set(targets):
+        only_file = sorted(set(meta["targets"]) - set(targets))
+        only_model = sorted(set(targets) - set(meta["targets"]))
+        raise ValueError(f"load_adapter: target layers differ; only in the file: {only_file}, only in the "
+                         f"model: {only_model}; inject(model, targets=<the file's 'targets'>) on a fresh model")
+    tensors = load_file(path)
+    params = {key: model.get_parameter(key) for key in adapter_state_dict(model)}
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"load_adapter: {path} does not match the model's adapter tensors; missing: "
+                         f"{missing}, unexpected: {unexpected}; the file is incomplete or from another model")
+    for key, param in params.items():
+        if tensors[key].shape != param.shape:
+            raise ValueError(f"load_adapter: {key} has shape {tuple(tensors[key].shape)} in {path}, "
+                             f"{tuple(param.shape)} in the model; the base model's sizes differ")
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(tensors[key])  # in place: an optimizer holding these tensors stays valid
+    return meta
