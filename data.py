@@ -92,10 +92,14 @@ def _folder_frames(folder: str, fps: float) -> Iterator[tuple[float, av.VideoFra
         yield i / fps, frame
 
 
-def _open_video(path: str) -> av.container.InputContainer:
-    """Open a video file, turning every way it can be unusable into a VideoError with a fix."""
+def _require_exists(path: str) -> None:
     if not os.path.exists(path):
         raise VideoError(f"video {path} does not exist: check the path")
+
+
+def _open_video(path: str) -> av.container.InputContainer:
+    """Open a video file, turning every way it can be unusable into a VideoError with a fix."""
+    _require_exists(path)
     if path.lower().endswith(IMAGE_EXTENSIONS):
         raise VideoError(f"{path} is a single image; pass a video or a folder of frames")
     if os.path.getsize(path) == 0:
@@ -289,6 +293,7 @@ class VideoLatents:
 def source_fingerprint(path: str, fps: float, height: int, width: int, num_frames: int,
                        model_id: str) -> dict[str, str]:
     """Everything that decides a video's latents; a cache is reused only if this matches exactly."""
+    _require_exists(path)
     files = [path]
     if os.path.isdir(path):
         files = [os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS)]
@@ -345,13 +350,18 @@ def cache_text(prompts: list[str], encode_fn: Callable[[list[str]], torch.Tensor
     `encode_fn(list of P prompts) -> (P, S, D)`, e.g. the frozen umT5 encoder with its tokenizer.
     """
     fingerprint = {"prompts": json.dumps(prompts), "model": model_id}
+    return cache_tensor(cache_path, fingerprint, lambda: encode_fn(prompts))
+
+
+def cache_tensor(cache_path: str, fingerprint: dict[str, str], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """`compute()` once: later calls with the same fingerprint read the tensor back from `cache_path`."""
     cached = _load_if_fresh(cache_path, fingerprint)
     if cached is not None:
-        return cached["states"]
+        return cached["tensor"]
     with torch.no_grad():
-        states = encode_fn(prompts).cpu()                              # (P, S, D)
-    _save({"states": states}, fingerprint, cache_path)
-    return states
+        tensor = compute().cpu()
+    _save({"tensor": tensor}, fingerprint, cache_path)
+    return tensor
 
 
 # ----------------------------------------------------------------------------- what each stage trains on

@@ -159,6 +159,18 @@ def set_stage(model: nn.Module, stage: str, p: float | None = None) -> None:
     # DropConnect also needs training mode (model.train()); the caller owns train/eval mode.
 
 
+@torch.no_grad()
+def merge(model: nn.Module) -> None:
+    """Fold every adapter into its base weight (W += delta at the current s_id / s_mot) and unwrap it."""
+    # Inference only: the merged model runs at the base model's speed, and a second adapter can
+    # then be injected and merged on top (several concepts at once, each with its own strengths).
+    for name, m in lora_modules(model).items():
+        m.eval()  # no DropConnect in the merged delta
+        m.base.weight += m.delta_weight().to(m.base.weight.dtype)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, m.base)
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters that require grad, by name: what the optimizer must get, nothing more."""
     # Passing only these to AdamW matters: its weight decay would shrink any tensor it holds.

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 # Per-channel statistics of the Wan-VAE latents (orig wan/modules/vae.py, WanVAE.__init__).
 WAN_LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+# Wan's default negative prompt (orig wan/configs/shared_config.py), used when none is given.
+WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+                       "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，"
+                       "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 WAN_LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
                   3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
 
@@ -100,6 +104,7 @@ class WanConfig:
     sample_steps: int = 50
     guidance_scale: float = 5.0
     num_train_timesteps: int = 1000
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
 
     def __post_init__(self):
         if self.dit.in_dim != self.vae.z_dim or self.dit.out_dim != self.vae.z_dim:
@@ -123,4 +128,19 @@ PRESETS: dict[str, WanConfig] = {
         t5=T5Config(vocab_size=256, dim=32, num_heads=4, head_dim=8, ffn_dim=64, num_layers=2,
                     text_len=16),
         num_frames=9, height=32, width=32, sample_steps=10),
+    # The project's pretrained miniature Wan for the sprite world (toy/world.py), stored in
+    # toy/checkpoint/ and made by toy/pretrain.py: same code, sizes chosen so that one stage of
+    # Set-and-Sequence trains in minutes on a 2-core CPU. 64x64x17 video -> 16x5x8x8 latents -> 80 tokens.
+    "toy": WanConfig(
+        # 1.26M parameters; text_len 32 covers the longest world caption (26 tokens + </s>).
+        dit=DiTConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=4, in_dim=16, out_dim=16,
+                      text_dim=128, text_len=32),
+        # The real strides (8x spatial, 4x temporal) at 1/6 of Wan's width; latent stats measured by
+        # `python -m toy.pretrain --part latents` on the cached training latents (PLACEHOLDER until then).
+        vae=VAEConfig(base_dim=16, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1,
+                      latents_mean=(0.0,) * 16, latents_std=(1.0,) * 16),
+        # A word-level sentencepiece vocabulary (98 pieces) plus T5's 100 sentinel ids.
+        t5=T5Config(vocab_size=198, dim=128, num_heads=4, head_dim=32, ffn_dim=256, num_layers=2,
+                    text_len=32),
+        fps=8, num_frames=17, height=64, width=64, sample_shift=2.0, sample_steps=25, guidance_scale=5.0),
 }

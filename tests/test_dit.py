@@ -3,11 +3,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from model.config import PRESETS
 from model.dit import WanDiT
-from model.loader import dit_key_from_diffusers
+from model.loader import dit_key_from_diffusers, load_part
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import WanTransformer3DModel  # noqa: E402
@@ -17,13 +16,8 @@ TINY = PRESETS["tiny"].dit
 
 
 def load_ours(folder: Path) -> WanDiT:
-    """Load a diffusers WanTransformer3DModel folder into WanDiT (a later loader replaces this)."""
-    state = load_file(folder / "diffusion_pytorch_model.safetensors")
-    state = {dit_key_from_diffusers(key): value for key, value in state.items()}
-    with torch.device("meta"):
-        model = WanDiT(TINY)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    """Load a diffusers WanTransformer3DModel folder into WanDiT with the project loader (meta build, strict)."""
+    return load_part("dit", str(folder / "diffusion_pytorch_model.safetensors"), PRESETS["tiny"])
 
 
 def diffusers_config(cfg) -> dict:

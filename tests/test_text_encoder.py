@@ -8,28 +8,17 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
-from safetensors.torch import load_file
 from transformers import AutoTokenizer, T5Tokenizer, UMT5Config, UMT5EncoderModel
 from transformers.models.umt5.modeling_umt5 import UMT5Attention
 
 from model.config import PRESETS, T5Config
-from model.loader import t5_key_from_transformers
+from model.loader import load_part, t5_key_from_transformers
 from model.text_encoder import Tokenizer, UMT5Encoder, clean_prompt, encode_prompts, relative_position_bucket
 
 
 def load_ours(folder: Path) -> UMT5Encoder:
-    """Stand-in for the project loader: meta build, key map, strict assign load of a tiny save_pretrained."""
-    with torch.device("meta"):
-        model = UMT5Encoder(PRESETS["tiny"].t5)
-    state = {}
-    for key, tensor in load_file(folder / "model.safetensors").items():
-        ours = t5_key_from_transformers(key)
-        if ours in state:  # the tied embedding may be stored twice; both copies must agree
-            assert torch.equal(state[ours], tensor), f"{key} differs from its tied twin"
-            continue
-        state[ours] = tensor
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    """The project loader on a tiny save_pretrained: meta build, key map, checked strict assign load."""
+    return load_part("text", str(folder / "model.safetensors"), PRESETS["tiny"])
 
 
 def hf_config(cfg: T5Config) -> UMT5Config:

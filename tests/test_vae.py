@@ -6,29 +6,19 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
-from safetensors.torch import load_file
 
 from model.config import PRESETS, VAEConfig
-from model.loader import vae_key_from_diffusers
+from model.loader import load_part, vae_key_from_diffusers
 from model.vae import WanVAE
 
 TINY = PRESETS["tiny"].vae
 
 
 def load_ours(folder) -> WanVAE:
-    """A diffusers AutoencoderKLWan folder -> our WanVAE (meta build, strict load); the loader replaces it."""
+    """A diffusers AutoencoderKLWan folder -> our WanVAE with the project loader (meta build, strict load)."""
     config = json.loads((folder / "config.json").read_text())
     assert config["attn_scales"] == [], "our VAE has attention only in the middle blocks, like Wan2.1"
-    cfg = VAEConfig(base_dim=config["base_dim"], z_dim=config["z_dim"], dim_mult=tuple(config["dim_mult"]),
-                    num_res_blocks=config["num_res_blocks"],
-                    temporal_downsample=tuple(config["temperal_downsample"]),
-                    latents_mean=tuple(config["latents_mean"]), latents_std=tuple(config["latents_std"]))
-    with torch.device("meta"):
-        model = WanVAE(cfg)
-    state = load_file(folder / "diffusion_pytorch_model.safetensors")
-    state = {vae_key_from_diffusers(k, cfg.num_res_blocks): v for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    return load_part("vae", str(folder / "diffusion_pytorch_model.safetensors"), PRESETS["tiny"])
 
 
 @pytest.fixture(scope="module")
