@@ -53,10 +53,10 @@ def tiny(tmp_path_factory):
     save_diffusers(str(root / "model"), models)
     video = str(root / "clip.mp4")
     write_video(video, moving_square(12), fps=cfg.fps, lossless=True)
-    flags = ["--model", str(root / "model"), "--video", video, "--prompt", "a sks square on blue",
-             "--motion-prompt", "a sks square moving in zwx motion", "--id-token", "sks", "--motion-token", "zwx",
-             "--batch", "2", "--prior-count", "2", "--prior-batch", "1"]
-    return {"root": root, "video": video, "flags": flags}
+    model = ["--model", str(root / "model"), "--batch", "2", "--prior-count", "2", "--prior-batch", "1"]
+    concept = ["--video", video, "--prompt", "a sks square on blue", "--motion-prompt",
+               "a sks square moving in zwx motion", "--id-token", "sks", "--motion-token", "zwx"]
+    return {"root": root, "video": video, "model": model, "flags": model + concept}
 
 
 def merged(flags: list[str], extra: tuple[str, ...]) -> list[str]:
@@ -242,3 +242,18 @@ def test_cli_exit_code(tiny, tmp_path):
                              "--run-dir", str(tmp_path / "fresh")], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0
     assert "train.py: error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_two_videos_train_jointly(tiny, tmp_path):
+    """Two --video entries, each with its own prompts and tokens, train one shared adapter."""
+    second = str(tmp_path / "second.mp4")
+    write_video(second, moving_square(12).flip(-1), fps=PRESETS["tiny"].fps)
+    flags = ["--stage", "set", "--steps", "2", "--video", tiny["video"], "--video", second,
+             "--prompt", "a sks square on blue", "--prompt", "a dog square on blue",
+             "--motion-prompt", "a sks square in zwx motion", "--motion-prompt", "a dog square in park motion",
+             "--id-token", "sks", "--id-token", "dog", "--motion-token", "zwx", "--motion-token", "park"]
+    train.main(train.parse_args([*tiny["model"], "--run-dir", str(tmp_path / "run"), *flags]))
+    with safe_open(tmp_path / "run" / "set.safetensors", "pt") as f:
+        meta = f.metadata()
+    assert '"a dog square on blue"' in meta["prompts"] and '"a sks square on blue"' in meta["prompts"]
+    assert os.path.exists(tmp_path / "run" / "cache" / "video1.safetensors")
