@@ -28,32 +28,17 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from lora.lora import lora_modules
-
-# Original Wan block linears -> diffusers WanTransformerBlock linears: the inverse of the ten
-# LoRA-target entries of model/loader.py dit_key_from_diffusers, kept here so an export reads
-# only the names it needs.
-WAN_TO_DIFFUSERS = {
-    "self_attn.q": "attn1.to_q",
-    "self_attn.k": "attn1.to_k",
-    "self_attn.v": "attn1.to_v",
-    "self_attn.o": "attn1.to_out.0",
-    "cross_attn.q": "attn2.to_q",
-    "cross_attn.k": "attn2.to_k",
-    "cross_attn.v": "attn2.to_v",
-    "cross_attn.o": "attn2.to_out.0",
-    "ffn.0": "ffn.net.0.proj",
-    "ffn.2": "ffn.net.2",
-}
+from lora.lora import DEFAULT_TARGET_PATTERN, lora_modules
+from model.keymaps import DIT_KEYS
 
 
 def diffusers_module_name(name: str) -> str:
-    """'blocks.3.cross_attn.o' -> 'transformer.blocks.3.attn2.to_out.0'."""
-    blocks, index, layer = name.split(".", 2)
-    if blocks != "blocks" or not index.isdigit() or layer not in WAN_TO_DIFFUSERS:
+    """'blocks.3.cross_attn.o' -> 'transformer.blocks.3.attn2.to_out.0': DIT_KEYS maps the layer's weight key."""
+    if not DEFAULT_TARGET_PATTERN.fullmatch(name):   # the block linears inject() wraps by default
         raise ValueError(f"export_lora: {name!r} has no diffusers name; the diffusers format covers "
-                         f"blocks.N.{{{', '.join(WAN_TO_DIFFUSERS)}}}")
-    return f"transformer.blocks.{index}.{WAN_TO_DIFFUSERS[layer]}"
+                         "blocks.N.{self_attn.q, self_attn.k, self_attn.v, self_attn.o, cross_attn.q, cross_attn.k, "
+                         "cross_attn.v, cross_attn.o, ffn.0, ffn.2}")
+    return "transformer." + DIT_KEYS.to_reference(f"{name}.weight").removesuffix(".weight")
 
 
 @torch.no_grad()

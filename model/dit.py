@@ -163,7 +163,7 @@ class WanBlock(nn.Module):
         self.norm1 = LayerNormFP32(dim, eps=cfg.eps, elementwise_affine=False)
         self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.eps)
         # The cross-attention LayerNorm is the one WITH affine weights, and the original calls it
-        # norm3 (diffusers calls it norm2: model/loader.py swaps them).
+        # norm3 (diffusers calls it norm2: model/keymaps.py swaps them).
         self.norm3 = LayerNormFP32(dim, eps=cfg.eps, elementwise_affine=True)
         self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps)
         self.norm2 = LayerNormFP32(dim, eps=cfg.eps, elementwise_affine=False)

@@ -2,7 +2,7 @@
 
 Follows the original Wan code (wan/modules/t5.py `T5Encoder`, `umt5_xxl`; wan/modules/tokenizers.py) and is
 numerically the transformers `UMT5EncoderModel` encoder. Parameter names are the ORIGINAL Wan checkpoint keys
-(`models_t5_umt5-xxl-enc-bf16.pth`); transformers names are mapped in model/loader.py.
+(`models_t5_umt5-xxl-enc-bf16.pth`); transformers names are mapped in model/keymaps.py.
 umT5 differs from the classic T5 encoder in one way: every layer owns its relative-position bias table.
 The tokenizer reproduces transformers' T5Tokenizer with sentencepiece alone, plus Wan's prompt cleaning,
 padding and truncation (wan.md 4.3-4.4).

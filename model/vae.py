@@ -8,7 +8,7 @@ bounded by one chunk whatever the video length (wan.md 3.3).
 
 Parameter names equal the original checkpoint (Wan2.1_VAE.pth): `encoder.downsamples.3.residual.2.weight`,
 `decoder.upsamples.7.time_conv.bias`, ... The diffusers `AutoencoderKLWan` names are mapped in
-model/loader.py.
+model/keymaps.py.
 
 Shapes: B batch, C channels, T video frames, F latent frames (F = 1 + (T-1)/4), H W the spatial size
 of the tensor at hand (pixels at the video end, pixels/8 at the latent end), t frames of one chunk.

@@ -6,7 +6,8 @@ import torch
 
 from model.config import PRESETS
 from model.dit import WanDiT
-from model.loader import dit_key_from_diffusers, load_part
+from model.keymaps import DIT_KEYS
+from model.loader import load_part
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import WanTransformer3DModel  # noqa: E402
@@ -82,7 +83,7 @@ def test_full_size_keys_and_shapes(preset, num_params):
         ours = WanDiT(cfg)
         reference = WanTransformer3DModel(**diffusers_config(cfg))
     ours_shapes = {key: tuple(value.shape) for key, value in ours.state_dict().items()}
-    mapped = {dit_key_from_diffusers(key): tuple(value.shape)
+    mapped = {DIT_KEYS.to_ours(key): tuple(value.shape)
               for key, value in reference.state_dict().items()}
     assert mapped == ours_shapes
     assert sum(p.numel() for p in ours.parameters()) == num_params
@@ -165,4 +166,4 @@ def test_rope_tables_cached_per_grid():
 def test_unknown_diffusers_key_raises():
     """The key map refuses keys it does not know, naming them."""
     with pytest.raises(KeyError, match="blocks.0.attn2.add_k_proj.weight"):
-        dit_key_from_diffusers("blocks.0.attn2.add_k_proj.weight")
+        DIT_KEYS.to_ours("blocks.0.attn2.add_k_proj.weight")

@@ -1,5 +1,6 @@
-"""model/loader.py: every checkpoint layout loads to the same modules as the reference libraries, bad
-checkpoints fail with clear messages before any tensor is read, and save_diffusers round-trips.
+"""model/loader.py (with checkpoint.py, keymaps.py, save.py): every checkpoint layout loads to the same
+modules as the reference libraries, bad checkpoints fail with clear messages before any tensor is read,
+and save_diffusers round-trips.
 
 Tiny preset models with random weights; the references are diffusers (WanTransformer3DModel,
 AutoencoderKLWan, single-file loaders, WanPipeline) and transformers (UMT5EncoderModel, T5Tokenizer).
@@ -20,10 +21,13 @@ from safetensors.torch import load_file, save_file
 from transformers import UMT5EncoderModel
 
 import model.loader as loader
+import model.save as save
+from model.checkpoint import CheckpointError, config_from_dit_shapes
 from model.config import PRESETS
 from model.dit import WanDiT
-from model.loader import (DIT_KEYS, T5_KEYS, CheckpointError, WanModels, config_from_dit_shapes, load_part,
-                          load_wan, save_diffusers, vae_keys)
+from model.keymaps import DIT_KEYS, T5_KEYS, vae_keys
+from model.loader import WanModels, load_part, load_wan
+from model.save import save_diffusers
 from model.text_encoder import Tokenizer, UMT5Encoder, clean_prompt
 from model.vae import WanVAE
 from test_dit import diffusers_config, randomize_
@@ -349,7 +353,7 @@ def test_save_diffusers_bf16_and_atomic(loaded, tmp_path, monkeypatch):
         if len(calls) == 2:
             raise OSError("disk full")
         return save_file(*args, **kwargs)
-    monkeypatch.setattr(loader, "save_file", fail_on_second_file)
+    monkeypatch.setattr(save, "save_file", fail_on_second_file)
     with pytest.raises(OSError, match="disk full"):
         save_diffusers(str(tmp_path / "interrupted"), loaded)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16"]

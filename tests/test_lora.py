@@ -333,7 +333,7 @@ def test_export_matches_diffusers_lora_loaders(tmp_path):
     from diffusers import WanTransformer3DModel
     from diffusers.loaders import WanLoraLoaderMixin
 
-    from model.loader import dit_key_from_diffusers
+    from model.keymaps import DIT_KEYS
 
     def diffusers_model() -> nn.Module:
         torch.manual_seed(0)  # the same random weights every call
@@ -350,7 +350,7 @@ def test_export_matches_diffusers_lora_loaders(tmp_path):
     reference = diffusers_model()
     with torch.device("meta"):
         ours = WanDiT(TINY)
-    ours.load_state_dict({dit_key_from_diffusers(k): v.clone() for k, v in reference.state_dict().items()},
+    ours.load_state_dict({DIT_KEYS.to_ours(k): v.clone() for k, v in reference.state_dict().items()},
                          strict=True, assign=True)
     inject(ours, rank=4, alpha=8.0)
     randomize_adapters(ours)

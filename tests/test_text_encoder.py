@@ -12,7 +12,8 @@ from transformers import AutoTokenizer, T5Tokenizer, UMT5Config, UMT5EncoderMode
 from transformers.models.umt5.modeling_umt5 import UMT5Attention
 
 from model.config import PRESETS, T5Config
-from model.loader import load_part, t5_key_from_transformers
+from model.keymaps import T5_KEYS
+from model.loader import load_part
 from model.text_encoder import Tokenizer, UMT5Encoder, clean_prompt, encode_prompts, relative_position_bucket
 
 
@@ -107,7 +108,7 @@ def test_full_size_structure_matches_transformers():
         ref = UMT5EncoderModel(hf_config(cfg))
     ref_shapes = {}
     for key, tensor in ref.state_dict().items():  # state_dict lists the tied embedding under both names
-        ours_key = t5_key_from_transformers(key)
+        ours_key = T5_KEYS.to_ours(key)
         assert ref_shapes.setdefault(ours_key, tensor.shape) == tensor.shape
     assert ref_shapes == {k: v.shape for k, v in ours.state_dict().items()}
     assert sum(p.numel() for p in ours.parameters()) == 5_680_910_336
@@ -119,7 +120,7 @@ def test_key_map_rejects_unknown_keys():
     for key in ["decoder.block.0.layer.0.SelfAttention.q.weight", "encoder.block.0.layer.2.layer_norm.weight",
                 "lm_head.weight", "scaled_fp8"]:
         with pytest.raises(KeyError, match=re.escape(key)):
-            t5_key_from_transformers(key)
+            T5_KEYS.to_ours(key)
 
 
 # ---- tokenizer ----

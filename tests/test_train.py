@@ -15,7 +15,8 @@ from data import read_video, write_video
 from model.config import PRESETS
 from model.dit import WanDiT
 from model.flow import add_noise, flow_loss, velocity_target
-from model.loader import WanModels, load_wan, save_diffusers
+from model.loader import WanModels, load_wan
+from model.save import save_diffusers
 from model.text_encoder import Tokenizer, UMT5Encoder
 from model.vae import WanVAE
 

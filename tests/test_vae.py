@@ -8,7 +8,8 @@ from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
 from model.config import PRESETS, VAEConfig
-from model.loader import load_part, vae_key_from_diffusers
+from model.keymaps import vae_keys
+from model.loader import load_part
 from model.vae import WanVAE
 
 TINY = PRESETS["tiny"].vae
@@ -114,7 +115,7 @@ def test_full_size_layout_matches_checkpoints():
         ref = AutoencoderKLWan()
     ours_shapes = {k: v.shape for k, v in ours.state_dict().items()}
     ref_shapes = {k: v.shape for k, v in ref.state_dict().items()}
-    assert {vae_key_from_diffusers(k): s for k, s in ref_shapes.items()} == ours_shapes
+    assert {vae_keys().to_ours(k): s for k, s in ref_shapes.items()} == ours_shapes
     assert len(ours_shapes) == 194
     assert sum(p.numel() for p in ours.parameters()) == 126_892_531
     # independent check: diffusers' own original->diffusers converter applied to our names
@@ -125,7 +126,7 @@ def test_full_size_layout_matches_checkpoints():
 def test_unknown_key_raises():
     """An unmapped diffusers key raises a KeyError that names it."""
     with pytest.raises(KeyError, match="encoder.down_blocks.0.attentions.0.norm.gamma"):
-        vae_key_from_diffusers("encoder.down_blocks.0.attentions.0.norm.gamma")
+        vae_keys().to_ours("encoder.down_blocks.0.attentions.0.norm.gamma")
 
 
 def test_rejects_bad_video_size():
