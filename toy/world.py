@@ -1,0 +1,477 @@
+"""The sprite world: the toy videos the miniature Wan is pretrained on, and the concepts it learns.
+
+No real Wan weights can be downloaded here, so the project pretrains a tiny Wan-architecture model
+on this world instead. A scene is one or two flat-coloured sprites moving over a solid or
+gradient background; `render` draws it, `caption` describes it in the plain words the model is
+trained on. The world is deliberately small and high-contrast, so that a tiny text-conditioned
+DiT can learn it in about an hour of CPU training.
+
+Set-and-Sequence needs things the base model has never seen (method.md, "The idea"): some
+appearance words and motions are HELD OUT of pretraining (the `HELD_OUT` table), and the three
+`CONCEPTS` combine a held-out appearance with a held-out motion. Their prompts replace the
+held-out words with a rare identity token [v] and motion token [u], exactly as "a [v] man" does
+in the paper.
+
+Geometry is in frame units (0..1 across the frame, y pointing down), so a scene renders at any
+size; time is normalized clip time t in [0, 1]. At the world's FPS = 8, the default 17 frames
+are 2 seconds and frame i is at t = i / 16.
+Shapes: T frames, H W pixel height/width (H = W = size), 3 RGB channels.
+"""
+import functools
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+FPS = 8                    # the world's frame rate: 17 frames = 2 s
+NUM_FRAMES = 17            # 4k+1, what Wan's causal VAE wants; 5 latent frames
+FRAME_SIZE = 64            # 8x8 latents after the VAE's 8x spatial stride
+SUPERSAMPLE = 4            # 4x4 samples per pixel: antialiased edges, still crisp
+
+# ----------------------------------------------------------------------------- the vocabulary
+
+# Fill colours, far apart in RGB (every pair at least 0.4 apart on the [0, 1] scale), so that a
+# blurry sample still lands nearest the right name.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 30, 40), "orange": (250, 130, 0), "yellow": (250, 235, 50), "green": (40, 170, 60),
+    "blue": (40, 80, 220), "purple": (140, 50, 190), "white": (245, 245, 245), "black": (20, 20, 20),
+    "pink": (250, 120, 200), "teal": (0, 180, 170),
+    "gray": (128, 128, 128),   # backgrounds only: a neutral backdrop
+}
+SPRITE_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "white", "black", "pink", "teal")
+
+
+# Shapes in sprite units (the sprite's radius is 1, y down); None is the unit circle. Each is sized
+# so that its area is close to the circle's: a "large square" looks as large as a "large circle".
+SHAPES: dict[str, tuple[tuple[float, float], ...] | None] = {
+    "circle": None,
+    "square": ((-0.85, -0.85), (0.85, -0.85), (0.85, 0.85), (-0.85, 0.85)),
+    "triangle": ((0.0, -1.25), (1.0825, 0.625), (-1.0825, 0.625)),   # equilateral, centroid at 0
+    "diamond": ((0.0, -1.1), (1.1, 0.0), (0.0, 1.1), (-1.1, 0.0)),
+    # five points, the first up: outer (1.25) and inner (0.55) vertices alternate every 36 degrees
+    "star": tuple((r * math.sin(math.pi * k / 5), -r * math.cos(math.pi * k / 5))
+                  for k, r in enumerate((1.25, 0.55) * 5)),
+}
+# How far each shape reaches from its centre, for keeping sprites inside the frame and apart.
+SHAPE_REACH = {name: 1.0 if poly is None else max(math.hypot(x, y) for x, y in poly)
+               for name, poly in SHAPES.items()}
+
+PATTERNS = ("plain", "striped", "checkered")   # striped: horizontal bands; checkered: square cells
+PATTERN_CELL = 2 / 3                           # band / cell width in sprite units: about 3 across a sprite
+SIZES = {"small": 7 / 64, "large": 11 / 64}    # sprite radius in frame units: 14 and 22 px across at 64
+
+
+@dataclass(frozen=True)
+class Background:
+    """A solid colour (start == end) or a linear gradient from `start` to `end` along `axis`."""
+    start: str
+    end: str
+    axis: str = "vertical"                     # vertical: top to bottom; horizontal: left to right
+
+
+BACKGROUNDS: dict[str, Background] = {
+    "black": Background("black", "black"),
+    "white": Background("white", "white"),
+    "gray": Background("gray", "gray"),
+    "blue": Background("blue", "blue"),
+    "green": Background("green", "green"),
+    "blue to white gradient": Background("blue", "white", "vertical"),     # a sky
+    "red to yellow gradient": Background("red", "yellow", "horizontal"),   # a sunset
+}
+
+# Motion words and the phrase a caption uses for each; the paths themselves are in `motion_path`.
+MOTIONS: dict[str, str] = {
+    "still": "standing still", "left": "moving left", "right": "moving right", "up": "moving up",
+    "down": "moving down", "diagonal": "moving diagonally", "orbit": "orbiting", "bounce": "bouncing",
+    "pulse": "pulsing", "zigzag": "zigzagging", "figure_eight": "moving in a figure eight", "spiral": "spiraling",
+}
+AMPLITUDE = 10 / 64        # how far motions travel from the anchor, frame units (10 px at 64)
+PULSE_DEPTH = 0.5          # pulsing scales the sprite between 0.5x and 1.5x
+
+# THE split: these never appear in a pretraining scene or caption. Everything else is held in.
+HELD_OUT: dict[str, tuple[str, ...]] = {
+    "colour": ("pink", "teal"),
+    "shape": ("star",),
+    "pattern": ("checkered",),
+    "motion": ("zigzag", "figure_eight", "spiral"),
+    "background": (),
+}
+MIN_CONTRAST = 0.45        # every sprite colour stays this far (RGB in [0, 1]) from its whole background
+
+
+def vocabulary(kind: str, split: str = "train") -> tuple[str, ...]:
+    """Names of one attribute kind ('colour', 'shape', 'pattern', 'motion', 'background'); 'all' or 'train'."""
+    names = {"colour": SPRITE_COLOURS, "shape": tuple(SHAPES), "pattern": PATTERNS,
+             "motion": tuple(MOTIONS), "background": tuple(BACKGROUNDS)}[kind]
+    if split not in ("train", "all"):
+        raise ValueError(f"split must be 'train' or 'all', got {split!r}")
+    return names if split == "all" else tuple(n for n in names if n not in HELD_OUT[kind])
+
+
+def motion_path(motion: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dy, scale) of a sprite at clip times t (any shape): offset from its anchor, and size factor."""
+    a, zero, one = AMPLITUDE, torch.zeros_like(t), torch.ones_like(t)
+    turn = 2 * math.pi * t
+    match motion:
+        case "still":
+            return zero, zero, one
+        case "left":
+            return a - 2 * a * t, zero, one
+        case "right":
+            return -a + 2 * a * t, zero, one
+        case "up":
+            return zero, a - 2 * a * t, one
+        case "down":
+            return zero, -a + 2 * a * t, one
+        case "diagonal":                       # top-left to bottom-right
+            return 0.8 * (-a + 2 * a * t), 0.8 * (-a + 2 * a * t), one
+        case "orbit":                          # one clockwise turn, starting at the top
+            return a * torch.sin(turn), -a * torch.cos(turn), one
+        case "bounce":                         # two bounces off a floor at +a
+            return zero, a - 2 * a * torch.sin(turn).abs(), one
+        case "pulse":                          # two beats in place
+            return zero, zero, 1 + PULSE_DEPTH * torch.sin(2 * turn)
+        case "zigzag":                         # rightwards, with two up-down teeth (a triangle wave)
+            tooth = 1 - 4 * (2 * t + 0.25 - torch.floor(2 * t + 0.75)).abs()
+            return -a + 2 * a * t, 0.8 * a * tooth, one
+        case "figure_eight":                   # a sideways 8 (Lissajous 1:2)
+            return a * torch.sin(turn), 0.8 * a * torch.sin(2 * turn), one
+        case "spiral":                         # 1.25 clockwise turns, growing outwards
+            radius = a * (0.15 + 0.85 * t)
+            return radius * torch.sin(1.25 * turn), -radius * torch.cos(1.25 * turn), one
+    raise ValueError(f"unknown motion {motion!r}; known: {', '.join(MOTIONS)}")
+
+
+# ----------------------------------------------------------------------------- scenes
+
+@dataclass(frozen=True)
+class Sprite:
+    """One sprite: its look, its motion, and the anchor (frame units) its motion moves around."""
+    shape: str
+    colour: str
+    size: str = "large"
+    motion: str = "still"
+    pattern: str = "plain"
+    colour2: str | None = None                 # the second colour of a striped/checkered sprite
+    x: float = 0.5
+    y: float = 0.5
+
+    def __post_init__(self):
+        for kind, name, table in (("shape", self.shape, SHAPES), ("colour", self.colour, SPRITE_COLOURS),
+                                  ("size", self.size, SIZES), ("motion", self.motion, MOTIONS),
+                                  ("pattern", self.pattern, PATTERNS)):
+            if name not in table:
+                raise ValueError(f"Sprite: unknown {kind} {name!r}; known: {', '.join(table)}")
+        if (self.pattern == "plain") != (self.colour2 is None):
+            raise ValueError(f"Sprite: pattern {self.pattern!r} needs colour2 exactly when it is not plain")
+        if self.colour2 is not None and (self.colour2 not in SPRITE_COLOURS or self.colour2 == self.colour):
+            raise ValueError(f"Sprite: colour2 {self.colour2!r} must be a sprite colour other than "
+                             f"{self.colour!r}")
+
+    @property
+    def colours(self) -> tuple[str, ...]:
+        return (self.colour,) if self.colour2 is None else (self.colour, self.colour2)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One or two sprites over a background; construction checks the layout is clean (see layout_problem)."""
+    sprites: tuple[Sprite, ...]
+    background: str = "black"
+
+    def __post_init__(self):
+        problem = layout_problem(self.sprites, self.background)
+        if problem:
+            raise ValueError(f"Scene: {problem}")
+
+
+def _rgb(name: str) -> torch.Tensor:
+    return torch.tensor(COLOURS[name], dtype=torch.float32) / 255
+
+
+@functools.lru_cache(maxsize=None)
+def contrast(colour: str, background: str) -> float:
+    """RGB distance from a colour to the nearest colour anywhere on a background (a segment in RGB)."""
+    c, p, q = _rgb(colour), _rgb(BACKGROUNDS[background].start), _rgb(BACKGROUNDS[background].end)
+    span = q - p
+    s = 0.0 if span.norm() == 0 else float(((c - p) @ span / (span @ span)).clamp(0, 1))
+    return float((c - (p + s * span)).norm())
+
+
+def _extent(sprite: Sprite) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Centre (x, y) and reach of a sprite at 65 times across the clip, frame units."""
+    dx, dy, scale = motion_path(sprite.motion, torch.linspace(0, 1, 65))
+    return sprite.x + dx, sprite.y + dy, SIZES[sprite.size] * SHAPE_REACH[sprite.shape] * scale
+
+
+def layout_problem(sprites: tuple[Sprite, ...], background: str) -> str | None:
+    """Why a scene would not be clean to render and score, or None: the oracle relies on all of these."""
+    if background not in BACKGROUNDS:
+        return f"unknown background {background!r}; known: {', '.join(BACKGROUNDS)}"
+    if not 1 <= len(sprites) <= 2:
+        return f"a scene has 1 or 2 sprites, got {len(sprites)}"
+    margin = 1 / 64
+    for sprite in sprites:
+        for colour in sprite.colours:
+            if contrast(colour, background) < MIN_CONTRAST:
+                return f"{colour} does not stand out on the {background} background"
+        x, y, reach = _extent(sprite)
+        if ((x - reach).min() < margin or (y - reach).min() < margin
+                or (x + reach).max() > 1 - margin or (y + reach).max() > 1 - margin):
+            return f"the {sprite.colour} {sprite.shape} leaves the frame while {MOTIONS[sprite.motion]}"
+    if len(sprites) == 2:
+        first, second = sprites
+        if set(first.colours) & set(second.colours):
+            return "the two sprites share a colour (the oracle tells them apart by colour)"
+        x1, y1, r1 = _extent(first)
+        x2, y2, r2 = _extent(second)
+        if (torch.hypot(x1 - x2, y1 - y2) - r1 - r2).min() < 2 * margin:
+            return "the two sprites touch or overlap"
+    return None
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def shape_inside(shape: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of points (u, v), in sprite units, that lie inside `shape` (even-odd polygon rule)."""
+    polygon = SHAPES[shape]
+    if polygon is None:
+        return u * u + v * v <= 1
+    inside = torch.zeros_like(u, dtype=torch.bool)
+    for (xi, yi), (xj, yj) in zip(polygon, polygon[1:] + polygon[:1]):
+        # a ray from (u, v) towards +u crosses this edge: flip the parity
+        straddles = (yi > v) != (yj > v)
+        crossing_u = (xj - xi) * (v - yi) / (yj - yi + 1e-12) + xi
+        inside ^= straddles & (u < crossing_u)
+    return inside
+
+
+def render_background(name: str, size: int = FRAME_SIZE) -> torch.Tensor:
+    """(H, W, 3) float in [0, 1]: the background alone, each pixel's colour at its centre."""
+    bg = BACKGROUNDS[name]
+    s = (torch.arange(size) + 0.5) / size                     # pixel centres, frame units
+    if bg.axis == "vertical":
+        s = s[:, None].expand(size, size)                     # varies with y (rows)
+    else:
+        s = s[None, :].expand(size, size)                     # varies with x (columns)
+    start, end = _rgb(bg.start), _rgb(bg.end)
+    return start + s[..., None] * (end - start)               # (H, W, 3)
+
+
+def _sprite_pixels(sprite: Sprite, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """At points (u, v) in sprite units: (inside mask, RGB fill (..., 3) with the pattern applied)."""
+    inside = shape_inside(sprite.shape, u, v)
+    # the pattern is fixed to the sprite: its bands move and scale with it
+    if sprite.pattern == "striped":                           # bands from the top: colour, colour2, colour
+        second = torch.floor((v + 1) / PATTERN_CELL) % 2 == 1
+    elif sprite.pattern == "checkered":                       # cell edges on the axes: a 50/50 split
+        second = (torch.floor(u / PATTERN_CELL) + torch.floor(v / PATTERN_CELL)) % 2 == 1
+    else:
+        second = torch.zeros_like(inside)
+    fill = _rgb(sprite.colour).expand(*u.shape, 3)
+    if sprite.colour2 is not None:
+        fill = torch.where(second[..., None], _rgb(sprite.colour2), fill)
+    return inside, fill
+
+
+def render(scene: Scene, num_frames: int = NUM_FRAMES, size: int = FRAME_SIZE) -> torch.Tensor:
+    """Draw a scene: (T, H, W, 3) uint8, the same bytes for the same scene on any machine.
+
+    Each pixel is the average of SUPERSAMPLE x SUPERSAMPLE samples (antialiasing). Only a window
+    around each sprite is sampled finely; a linear background's pixel average is its centre value.
+    """
+    t = torch.linspace(0, 1, num_frames) if num_frames > 1 else torch.zeros(1)
+    frames = render_background(scene.background, size).expand(num_frames, size, size, 3).clone()  # (T, H, W, 3)
+    for sprite in scene.sprites:
+        dx, dy, scale = motion_path(sprite.motion, t)         # (T,) each
+        cx, cy, radius = sprite.x + dx, sprite.y + dy, SIZES[sprite.size] * scale
+        # a square window of pixels around the sprite, the same size in every frame
+        reach = SHAPE_REACH[sprite.shape] * float(radius.max())
+        side = min(size, int(2 * reach * size) + 3)
+        x0 = ((cx - reach) * size).long().sub(1).clamp(0, size - side)                 # (T,) window corners
+        y0 = ((cy - reach) * size).long().sub(1).clamp(0, size - side)
+        offsets = (torch.arange(side * SUPERSAMPLE) + 0.5) / SUPERSAMPLE              # samples, in pixels
+        # sample positions in sprite units: the shape and its pattern move and scale with the sprite
+        u = (((x0[:, None] + offsets) / size - cx[:, None]) / radius[:, None])[:, None, :]   # (T, 1, S)
+        v = (((y0[:, None] + offsets) / size - cy[:, None]) / radius[:, None])[:, :, None]   # (T, S, 1)
+        n = side * SUPERSAMPLE
+        inside, fill = _sprite_pixels(sprite, u.expand(-1, n, n), v.expand(-1, n, n))   # (T, S, S), (T, S, S, 3)
+        # per pixel: the share of samples the sprite covers, and its colour summed over them
+        cover = F.avg_pool2d(inside.float()[:, None], SUPERSAMPLE)[:, 0, ..., None]   # (T, side, side, 1)
+        paint = F.avg_pool2d((fill * inside[..., None]).permute(0, 3, 1, 2), SUPERSAMPLE).permute(0, 2, 3, 1)
+        for i in range(num_frames):
+            ys, xs = slice(int(y0[i]), int(y0[i]) + side), slice(int(x0[i]), int(x0[i]) + side)
+            frames[i, ys, xs] = frames[i, ys, xs] * (1 - cover[i]) + paint[i]    # sprites never overlap
+    return (frames * 255).round().to(torch.uint8)                              # (T, H, W, 3)
+
+
+def to_pixels(video: torch.Tensor) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (T, 3, H, W) float in [-1, 1], the project's pixel convention (data.py)."""
+    return video.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+# ----------------------------------------------------------------------------- captions
+
+def subject(sprite: Sprite, identity_token: str | None = None) -> str:
+    """'a large red and white striped circle'; with a token, the held-out words become the token."""
+    look = sprite.colour if sprite.pattern == "plain" else f"{sprite.colour} and {sprite.colour2} {sprite.pattern}"
+    shape = sprite.shape
+    if identity_token is not None:
+        look_held_out = (any(c in HELD_OUT["colour"] for c in sprite.colours)
+                         or sprite.pattern in HELD_OUT["pattern"])
+        shape_held_out = sprite.shape in HELD_OUT["shape"]
+        if not (look_held_out or shape_held_out):
+            raise ValueError("subject: an identity token replaces held-out words, and this sprite has none")
+        # the token stands where the unseen words stood: "a large dax square", "a large purple dax"
+        if look_held_out and shape_held_out:
+            return f"a {sprite.size} {identity_token}"
+        look, shape = (identity_token, shape) if look_held_out else (look, identity_token)
+    return f"a {sprite.size} {look} {shape}"
+
+
+def caption(scene: Scene, identity_token: str | None = None, motion_token: str | None = None) -> str:
+    """The video caption, e.g. 'a small red circle bouncing and a large blue square orbiting on a black background'.
+
+    Tokens (for a concept's prompts) apply to the first sprite only: [v] replaces its held-out
+    appearance words, and the motion phrase becomes 'moving in [u] motion'.
+    """
+    parts = []
+    for i, sprite in enumerate(scene.sprites):
+        motion = MOTIONS[sprite.motion] if (i or motion_token is None) else f"moving in {motion_token} motion"
+        parts.append(f"{subject(sprite, identity_token if i == 0 else None)} {motion}")
+    return f"{' and '.join(parts)} on a {scene.background} background"
+
+
+def image_caption(scene: Scene, identity_token: str | None = None) -> str:
+    """The caption of a single frame: no motion words, e.g. 'a small red circle on a blue background'."""
+    subjects = [subject(s, identity_token if i == 0 else None) for i, s in enumerate(scene.sprites)]
+    return f"{' and '.join(subjects)} on a {scene.background} background"
+
+
+# ----------------------------------------------------------------------------- random scenes
+
+def _pick(names: tuple[str, ...], generator: torch.Generator) -> str:
+    return names[int(torch.randint(len(names), (1,), generator=generator))]
+
+
+def _random_sprite(generator: torch.Generator, split: str, background: str, taken: tuple[str, ...]) -> Sprite:
+    """A sprite whose colours stand out on the background and differ from `taken`, anchored inside the frame."""
+    colours = [c for c in vocabulary("colour", split)
+               if c not in taken and contrast(c, background) >= MIN_CONTRAST]
+    colour = _pick(tuple(colours), generator)
+    # most sprites are plain: patterns are a harder thing to learn, keep them a minority
+    patterned = [p for p in vocabulary("pattern", split) if p != "plain"]
+    pattern = "plain" if torch.rand(1, generator=generator) < 0.75 else _pick(tuple(patterned), generator)
+    colour2 = None if pattern == "plain" else _pick(tuple(c for c in colours if c != colour), generator)
+    sprite = Sprite(shape=_pick(vocabulary("shape", split), generator), colour=colour,
+                    size=_pick(tuple(SIZES), generator), motion=_pick(vocabulary("motion", split), generator),
+                    pattern=pattern, colour2=colour2)
+    # the anchor range that keeps the whole path inside the frame (1 px margin)
+    x, y, reach = _extent(sprite)
+    margin = 1 / 64
+    low_x, high_x = margin - (x - 0.5 - reach).min(), 1 - margin - (x - 0.5 + reach).max()
+    low_y, high_y = margin - (y - 0.5 - reach).min(), 1 - margin - (y - 0.5 + reach).max()
+    if low_x > high_x or low_y > high_y:
+        return sprite                                          # cannot fit: the caller draws again
+    u, w = torch.rand(2, generator=generator).tolist()
+    return replace(sprite, x=float(low_x + u * (high_x - low_x)), y=float(low_y + w * (high_y - low_y)))
+
+
+def random_scene(generator: torch.Generator, split: str = "train") -> Scene:
+    """A random clean scene: one sprite (65%) or two, from the held-in ('train') or whole ('all') vocabulary."""
+    while True:
+        background = _pick(vocabulary("background", split), generator)
+        count = 1 if torch.rand(1, generator=generator) < 0.65 else 2
+        sprites: tuple[Sprite, ...] = ()
+        for _ in range(20):                                    # rejection sampling: most draws fit
+            taken = tuple(c for s in sprites for c in s.colours)
+            candidate = _random_sprite(generator, split, background, taken)
+            if layout_problem(sprites + (candidate,), background) is None:
+                sprites += (candidate,)
+            if len(sprites) == count:
+                return Scene(sprites, background)
+
+
+# ----------------------------------------------------------------------------- the dynamic concepts
+
+@dataclass(frozen=True)
+class Edit:
+    """A prompt that re-stages a concept, and the scene it asks for (what the oracle scores against)."""
+    kind: str                                  # "background", "composition" or "motion"
+    prompt: str
+    scene: Scene
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One dynamic concept: a held-out look doing a held-out motion, with its rare tokens [v] and [u].
+
+    The single video a user personalizes on is `render(concept.scene)`. Edits keep the tokens and
+    change one thing: the background, a second (held-in) sprite beside it, or the motion word.
+    """
+    name: str
+    scene: Scene                               # one sprite: the concept, anchored at the centre
+    identity_token: str                        # [v]: replaces the held-out appearance words
+    motion_token: str                          # [u]: "moving in [u] motion" replaces the motion words
+    edit_background: str
+    edit_motion: str                           # a held-in motion, for an identity-only prompt
+    companion: Sprite                          # the held-in sprite added by the composition edit
+    shifted_anchor: tuple[float, float]        # where the concept moves to make room for it
+
+    @property
+    def sprite(self) -> Sprite:
+        return self.scene.sprites[0]
+
+    @property
+    def static_prompt(self) -> str:
+        """Stage-1 prompt (frames as a set): reads like an image caption, [v] in place of the unseen words."""
+        return image_caption(self.scene, self.identity_token)
+
+    @property
+    def motion_prompt(self) -> str:
+        """Stage-2 prompt (the whole clip): the static prompt plus 'moving in [u] motion'."""
+        return caption(self.scene, self.identity_token, self.motion_token)
+
+    @property
+    def edits(self) -> tuple[Edit, ...]:
+        new_background = Scene(self.scene.sprites, self.edit_background)
+        shifted = replace(self.sprite, x=self.shifted_anchor[0], y=self.shifted_anchor[1])
+        composed = Scene((shifted, self.companion), self.scene.background)
+        new_motion = Scene((replace(self.sprite, motion=self.edit_motion),), self.scene.background)
+        v, u = self.identity_token, self.motion_token
+        return (Edit("background", caption(new_background, v, u), new_background),
+                Edit("composition", caption(composed, v, u), composed),
+                Edit("motion", caption(new_motion, v), new_motion))      # [u] would contradict the new motion
+
+
+CONCEPTS: dict[str, Concept] = {c.name: c for c in (
+    # held-out colour AND shape -> "a large dax"; held-out motion zigzag -> "moving in wug motion"
+    Concept("pink_star_zigzag",
+            Scene((Sprite("star", "pink", "large", "zigzag"),), "blue"),
+            identity_token="dax", motion_token="wug", edit_background="gray", edit_motion="orbit",
+            companion=Sprite("circle", "yellow", "small", "left", x=0.5, y=0.86), shifted_anchor=(0.5, 0.36)),
+    # held-out colour and pattern on a held-in shape -> "a large blick square"
+    Concept("teal_checkered_figure_eight",
+            Scene((Sprite("square", "teal", "large", "figure_eight", "checkered", colour2="white"),), "black"),
+            identity_token="blick", motion_token="toma", edit_background="red to yellow gradient",
+            edit_motion="right",
+            companion=Sprite("diamond", "red", "small", "right", x=0.5, y=0.85), shifted_anchor=(0.5, 0.35)),
+    # held-out shape in a held-in colour -> "a large purple zorp"
+    Concept("purple_star_spiral",
+            Scene((Sprite("star", "purple", "large", "spiral"),), "white"),
+            identity_token="zorp", motion_token="fep", edit_background="green", edit_motion="bounce",
+            companion=Sprite("circle", "blue", "small", "down", x=0.85, y=0.5), shifted_anchor=(0.37, 0.5)),
+)}
+
+
+def text_corpus(num_scenes: int = 2000, seed: int = 0) -> list[str]:
+    """Sentences for training the toy tokenizer: train captions (video and image), then every concept prompt."""
+    generator = torch.Generator().manual_seed(seed)
+    lines = []
+    for _ in range(num_scenes):
+        scene = random_scene(generator, "train")
+        lines += [caption(scene), image_caption(scene)]
+    for concept in CONCEPTS.values():
+        lines += [concept.static_prompt, concept.motion_prompt] + [edit.prompt for edit in concept.edits]
+    return lines
