@@ -136,9 +136,12 @@ PRESETS: dict[str, WanConfig] = {
         dit=DiTConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=4, in_dim=16, out_dim=16,
                       text_dim=128, text_len=32),
         # The real strides (8x spatial, 4x temporal) at 1/6 of Wan's width; latent stats measured by
-        # `python -m toy.pretrain --part latents` on the cached training latents (PLACEHOLDER until then).
+        # `python -m toy.pretrain --part latents` over the DiT's 1500 training clips + 1500 frames.
         vae=VAEConfig(base_dim=16, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1,
-                      latents_mean=(0.0,) * 16, latents_std=(1.0,) * 16),
+                      latents_mean=(-0.1732, -0.0795, -0.442, -0.6443, 0.0198, 0.1911, -0.0088, -0.3602,
+                                    0.1102, 0.0921, 0.3997, -0.048, 0.2718, 0.4334, -0.0158, 0.3048),
+                      latents_std=(0.8233, 0.4062, 0.8783, 1.2329, 0.8491, 0.6928, 0.3227, 1.2536,
+                                   0.9764, 0.8688, 0.8609, 0.2915, 0.5323, 0.978, 0.4175, 0.6732)),
         # A word-level sentencepiece vocabulary (98 pieces) plus T5's 100 sentinel ids.
         t5=T5Config(vocab_size=198, dim=128, num_heads=4, head_dim=32, ffn_dim=256, num_layers=2,
                     text_len=32),

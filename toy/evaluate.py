@@ -1,0 +1,118 @@
+"""Score the pretrained toy Wan with the oracle: does it draw what held-in captions ask for?
+
+The toy base model stands in for Wan2.1, so before personalizing it we check that it is a
+text-to-video model at all: random held-in scenes (toy/world.py, seeded), their captions sampled
+the way sample.py samples (UniPC on the config's shifted sigma grid, classifier-free guidance
+against the empty prompt, which is what the 10% caption dropout of toy/pretrain.py trained),
+decoded by the VAE, and scored by toy/oracle.py against the scene the caption came from:
+
+  background  the fitted background is the named one            (target >= 90%)
+  colour      every sprite shows exactly its named colour(s)      (target >= 80%)
+  motion      every sprite's track is nearest its named motion    (target >= 70%)
+plus shape and pattern rates, the oracle's identity/motion scores, and the same numbers for the
+VAE's reconstruction of the true clip (the ceiling the DiT can reach through this VAE).
+
+  python -m toy.evaluate --count 100
+
+Shapes: B batch, z latent channels, F H W latent frames/height/width, T video frames.
+"""
+import argparse
+import time
+
+import torch
+from tqdm import tqdm
+
+from model import flow
+from model.loader import WanModels, load_wan
+from model.text_encoder import encode_prompts
+from toy import oracle, world
+
+METRICS = ("background_ok", "colour_ok", "motion_ok", "shape_ok", "pattern_ok", "identity_score", "motion_score")
+TARGETS = {"background_ok": 0.9, "colour_ok": 0.8, "motion_ok": 0.7}
+
+
+@torch.no_grad()
+def generate(models: WanModels, prompts: list[str], noise: torch.Tensor, steps: int, shift: float,
+             guidance: float, negative_prompt: str = "", sigmas: torch.Tensor | None = None) -> torch.Tensor:
+    """Videos (B, 3, T, H, W) in [-1, 1] from initial noise (B, z, F, H, W): UniPC with CFG, then the VAE."""
+    device = noise.device
+    context = encode_prompts(models.tokenizer, models.text_encoder, prompts, device)            # (B, S, D)
+    negative = encode_prompts(models.tokenizer, models.text_encoder, [negative_prompt], device)  # (1, S, D)
+    context_uncond = negative.expand_as(context)
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # Both CFG branches in one batch: [conditional; unconditional].
+        both = models.dit(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, context_uncond]))
+        v_cond, v_uncond = both.chunk(2)
+        return flow.cfg_velocity(v_cond, v_uncond, guidance)
+
+    if sigmas is None:
+        sigmas = flow.unipc_sigmas(steps, shift)
+    latents = flow.sample_unipc(velocity, noise, sigmas)                                         # (B, z, F, H, W)
+    return models.vae.decode(latents)
+
+
+def initial_noise(models: WanModels, count: int, num_frames: int, generator: torch.Generator) -> torch.Tensor:
+    """(count, z, F, H/8, W/8) standard normal, drawn on the CPU so a seed means the same video anywhere."""
+    cfg = models.cfg
+    frames = 1 + (num_frames - 1) // cfg.vae.temporal_factor
+    size = (cfg.height // cfg.vae.spatial_factor, cfg.width // cfg.vae.spatial_factor)
+    return torch.randn((count, cfg.vae.z_dim, frames, *size), generator=generator)
+
+
+def main(args) -> None:
+    torch.set_num_threads(args.threads)
+    models = load_wan(args.model, device=args.device)
+    cfg = models.cfg
+    steps = args.steps or cfg.sample_steps
+    shift = args.shift or cfg.sample_shift
+    guidance = args.guidance if args.guidance is not None else cfg.guidance_scale
+
+    # Held-in scenes only: the base model is judged on what it was trained to draw.
+    generator = torch.Generator().manual_seed(args.seed)
+    scenes = [world.random_scene(generator, "train") for _ in range(args.count)]
+    noise = initial_noise(models, args.count, cfg.num_frames, generator)
+
+    rows, reference_rows = [], []
+    start = time.time()
+    for i in tqdm(range(0, args.count, args.batch), desc="evaluate"):
+        batch = scenes[i:i + args.batch]
+        videos = generate(models, [world.caption(s) for s in batch], noise[i:i + args.batch].to(args.device),
+                          steps, shift, guidance)                                    # (B, 3, T, H, W)
+        for scene, video in zip(batch, videos):
+            rows.append(oracle.score(video.transpose(0, 1).cpu(), scene))            # (T, 3, H, W) clip
+        if args.reconstruction:
+            # The same scenes through the VAE alone: what a perfect DiT would score.
+            clips = torch.stack([world.to_pixels(world.render(s)) for s in batch]).transpose(1, 2)
+            decoded = models.vae.decode(models.vae.encode(clips.to(args.device)))
+            reference_rows += [oracle.score(v.transpose(0, 1).cpu(), s) for s, v in zip(batch, decoded)]
+    seconds = time.time() - start
+
+    print(f"\n{args.count} held-in captions (seed {args.seed}), UniPC {steps} steps, shift {shift}, "
+          f"CFG {guidance}, {seconds:.0f} s on {args.device}")
+    columns = [("model", rows)] + ([("VAE recon.", reference_rows)] if reference_rows else [])
+    print(f"| metric | {' | '.join(name for name, _ in columns)} | target |")
+    print(f"|---|{'---|' * len(columns)}---|")
+    for key in METRICS:
+        values = [sum(float(r[key]) for r in table) / len(table) for _, table in columns]
+        target = f">= {TARGETS[key]:.0%}" if key in TARGETS else ""
+        print(f"| {key} | {' | '.join(f'{v:.1%}' if key.endswith('_ok') else f'{v:.3f}' for v in values)} | {target} |")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # ---- model
+    parser.add_argument("--model", default="toy/checkpoint", help="diffusers-format folder (load_wan)")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    # ---- sampling (defaults: the checkpoint's config)
+    parser.add_argument("--steps", type=int, default=None, help="UniPC steps (default: config sample_steps)")
+    parser.add_argument("--shift", type=float, default=None, help="sigma shift (default: config sample_shift)")
+    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: config guidance_scale)")
+    # ---- evaluation set
+    parser.add_argument("--count", type=int, default=100, help="random held-in captions to sample and score")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the scenes and the initial noise")
+    parser.add_argument("--batch", type=int, default=25, help="videos sampled at once")
+    parser.add_argument("--reconstruction", action="store_true",
+                        help="also score the VAE reconstructions of the true clips (the DiT's ceiling)")
+    main(parser.parse_args())
