@@ -13,7 +13,7 @@ from model import flow
 from model.config import PRESETS
 from model.dit import WanDiT
 from model.loader import load_wan
-from toy import world
+from toy import concepts, world
 from toy.evaluate import generate, initial_noise
 
 CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toy", "checkpoint")
@@ -40,7 +40,7 @@ def test_captions_fit_text_len(models):
     generator = torch.Generator().manual_seed(0)
     scenes = [world.random_scene(generator, "train") for _ in range(300)]
     prompts = [world.caption(s) for s in scenes]
-    prompts += [p for c in world.CONCEPTS.values() for p in (c.static_prompt, c.motion_prompt, *(e.prompt for e in c.edits))]
+    prompts += [p for c in concepts.CONCEPTS.values() for p in (c.static_prompt, c.motion_prompt, *(e.prompt for e in c.edits))]
     longest = max(len(models.tokenizer.encode(p)) for p in prompts)
     assert longest <= TOY.t5.text_len
 

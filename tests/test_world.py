@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from data import read_video
-from toy import oracle, world
+from toy import concepts, oracle, world
 
 ASSETS = os.path.join(os.path.dirname(__file__), "..", "assets")
 
@@ -96,9 +96,9 @@ def test_concepts_are_held_out_and_their_prompts_use_tokens():
     """Each concept has a held-out look and motion; every prompt hides them behind its own rare tokens."""
     phrases = _held_out_phrases()
     train_words = {w for s in _scenes(200, seed=2) for w in (world.caption(s) + " " + world.image_caption(s)).split()}
-    tokens = [t for c in world.CONCEPTS.values() for t in (c.identity_token, c.motion_token)]
+    tokens = [t for c in concepts.CONCEPTS.values() for t in (c.identity_token, c.motion_token)]
     assert len(set(tokens)) == len(tokens) and not set(tokens) & train_words
-    for concept in world.CONCEPTS.values():
+    for concept in concepts.CONCEPTS.values():
         sprite = concept.sprite
         assert sprite.motion in world.HELD_OUT["motion"]
         assert (sprite.shape in world.HELD_OUT["shape"] or sprite.pattern in world.HELD_OUT["pattern"]
@@ -114,9 +114,9 @@ def test_concepts_are_held_out_and_their_prompts_use_tokens():
 
 def test_text_corpus_covers_captions_and_tokens():
     """The tokenizer corpus holds train captions and every concept's tokens and prompts."""
-    corpus = world.text_corpus(50)
+    corpus = concepts.text_corpus(50)
     words = {w for line in corpus for w in line.split()}
-    for concept in world.CONCEPTS.values():
+    for concept in concepts.CONCEPTS.values():
         assert {concept.identity_token, concept.motion_token} <= words
         assert concept.motion_prompt in corpus and all(e.prompt in corpus for e in concept.edits)
 
@@ -148,7 +148,7 @@ def test_oracle_reads_true_renders_correctly():
 
 def test_oracle_reads_concepts_and_edits_correctly():
     """Every concept video and every edit's target scene reads back as exactly its scene."""
-    for concept in world.CONCEPTS.values():
+    for concept in concepts.CONCEPTS.values():
         for scene in [concept.scene] + [e.scene for e in concept.edits]:
             result = oracle.score(world.render(scene), scene)
             assert all(result[k] for k in CHECKS + ("pattern_ok", "shape_ok")), world.caption(scene)
@@ -157,7 +157,7 @@ def test_oracle_reads_concepts_and_edits_correctly():
 def test_oracle_tolerates_noise_and_blur():
     """Blurred renders with noise (std 0.05) still read as the right background, colours and motion."""
     generator = torch.Generator().manual_seed(0)
-    scenes = _scenes(20, seed=5) + [c.scene for c in world.CONCEPTS.values()]
+    scenes = _scenes(20, seed=5) + [c.scene for c in concepts.CONCEPTS.values()]
     for scene in scenes:
         result = oracle.score(_corrupt(world.render(scene), generator), scene)
         assert all(result[k] for k in CHECKS), (world.caption(scene), result)
@@ -166,7 +166,7 @@ def test_oracle_tolerates_noise_and_blur():
 
 def test_input_conventions_agree():
     """A uint8 (T, H, W, 3) clip and its (T, 3, H, W) [-1, 1] float twin score the same; MSE to itself is 0."""
-    scene = world.CONCEPTS["teal_checkered_figure_eight"].scene
+    scene = concepts.CONCEPTS["teal_checkered_figure_eight"].scene
     video = world.render(scene)
     a, b = oracle.score(video, scene, reference=video), oracle.score(world.to_pixels(video), scene, reference=video)
     assert a["identity_score"] == pytest.approx(b["identity_score"], abs=1e-4)
@@ -217,7 +217,7 @@ def test_wrong_motion_scores_wrong():
 def test_frozen_clip_is_not_motion():
     """The first frame repeated does not match a moving sprite: motion_ok fails, motion score < 0.5."""
     scenes = [s for s in _scenes(20, seed=24) if s.sprites[0].motion != "still"][:10]
-    for scene in scenes + [c.scene for c in world.CONCEPTS.values()]:
+    for scene in scenes + [c.scene for c in concepts.CONCEPTS.values()]:
         video = world.render(scene)
         moving = oracle.score(video[:1].expand_as(video).clone(), scene)["sprites"][0]
         assert not moving["motion_ok"] and moving["motion_score"] < 0.5, world.caption(scene)
@@ -226,7 +226,7 @@ def test_frozen_clip_is_not_motion():
 def test_noise_scores_as_nothing():
     """Uniform noise scores near zero on identity and motion for any scene."""
     generator = torch.Generator().manual_seed(0)
-    for scene in _scenes(6, seed=25) + [c.scene for c in world.CONCEPTS.values()]:
+    for scene in _scenes(6, seed=25) + [c.scene for c in concepts.CONCEPTS.values()]:
         noise = torch.randint(0, 256, (17, 64, 64, 3), dtype=torch.uint8, generator=generator)
         result = oracle.score(noise, scene)
         assert result["identity_score"] < 0.1 and result["motion_score"] < 0.1
@@ -235,7 +235,7 @@ def test_noise_scores_as_nothing():
 
 def test_two_sprites_are_checked_separately():
     """In a composition edit, a missing companion or a companion doing another motion fails that sprite only."""
-    for concept in world.CONCEPTS.values():
+    for concept in concepts.CONCEPTS.values():
         composed = next(e.scene for e in concept.edits if e.kind == "composition")
         alone = world.render(world.Scene(composed.sprites[:1], composed.background))
         result = oracle.score(alone, composed)
@@ -253,8 +253,8 @@ def test_assets_match_the_concepts():
     """assets/ (python -m toy.make_assets) holds each concept's prompts and a video that reads back as its render."""
     with open(os.path.join(ASSETS, "concepts.json")) as f:
         entries = {e["name"]: e for e in json.load(f)}
-    assert set(entries) == set(world.CONCEPTS)
-    for name, concept in world.CONCEPTS.items():
+    assert set(entries) == set(concepts.CONCEPTS)
+    for name, concept in concepts.CONCEPTS.items():
         entry = entries[name]
         assert (entry["static_prompt"], entry["motion_prompt"]) == (concept.static_prompt, concept.motion_prompt)
         assert [e["prompt"] for e in entry["edits"]] == [e.prompt for e in concept.edits]

@@ -2,7 +2,7 @@
 
     python -m toy.make_assets            # -> assets/<name>.mp4, assets/<name>.gif, assets/concepts.json
 
-Each concept of `world.CONCEPTS` (a held-out look doing a held-out motion) becomes one 17-frame,
+Each concept of `concepts.CONCEPTS` (a held-out look doing a held-out motion) becomes one 17-frame,
 8 fps, 64x64 clip, the toy counterpart of the paper's single input video. The mp4 is lossless
 h264 (yuv444p, qp 0) so the colours survive; the gif is a preview. Every mp4 is read back the
 way training reads it (data.read_video) and must still score as its scene by the oracle, so a
@@ -13,13 +13,13 @@ import json
 import os
 
 from data import read_video, write_video
-from toy import oracle, world
+from toy import concepts, oracle, world
 
 
 def main(args: argparse.Namespace) -> None:
     os.makedirs(args.out, exist_ok=True)
     entries = []
-    for concept in world.CONCEPTS.values():
+    for concept in concepts.CONCEPTS.values():
         video = world.render(concept.scene, args.frames, args.size)               # (T, H, W, 3) uint8
         pixels = world.to_pixels(video)                                            # (T, 3, H, W) in [-1, 1]
         mp4, gif = (os.path.join(args.out, f"{concept.name}.{ext}") for ext in ("mp4", "gif"))

@@ -38,7 +38,7 @@ from model.config import PRESETS, WanConfig
 from model.dit import WanDiT
 from model.text_encoder import Tokenizer, UMT5Encoder
 from model.vae import CausalCache, WanVAE
-from toy import world
+from toy import concepts, world
 
 PARTS = ("tokenizer", "vae", "latents", "dit", "export")
 
@@ -67,7 +67,7 @@ def train_tokenizer(args) -> None:
     path = os.path.join(args.run_dir, "tokenizer", "spiece.model")
     if os.path.exists(path):
         return
-    lines = world.text_corpus()
+    lines = concepts.text_corpus()
     # Sentencepiece's unigram trainer cannot reach a vocabulary this small and still keep whole
     # words (it stops at ~70 sub-word pieces for this corpus). So train it for the characters and
     # a few sub-words, then append every word as a "▁word" piece with score 0, above every
