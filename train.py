@@ -236,8 +236,9 @@ def main(args: argparse.Namespace) -> str:
         out = os.path.join(run_dir, f"lora-{args.export}.safetensors")
         export_lora(dit, out, args.export, s_id=args.s_id, s_mot=args.s_mot)
         tqdm.write(f"exported {out}")
-    tqdm.write(f"wrote {adapter_path} (loss {losses[0] if losses else float('nan'):.4f} -> "
-               f"{losses[-1] if losses else float('nan'):.4f})")
+    head, tail = losses[:20], losses[-20:]   # means over 20 steps: single-step losses are noisy
+    tqdm.write(f"wrote {adapter_path} (mean loss of the first / last 20 steps: "
+               f"{sum(head) / max(len(head), 1):.4f} -> {sum(tail) / max(len(tail), 1):.4f})")
     return adapter_path
 
 
