@@ -39,8 +39,9 @@ def drop_connect(weight: torch.Tensor, p: float) -> torch.Tensor:
     # Inverted scaling keeps E[mask * w] = w, so inference uses the plain matrix (method.md DECISION).
     # The mask comes from the global torch RNG of the weight's device: seeded once by the training
     # script, it is reproducible run to run, and a fresh mask is drawn on every forward.
-    keep = torch.rand_like(weight) >= p  # Bernoulli(1 - p), same shape as the weight
-    return weight * keep / (1.0 - p)
+    # That is dropout applied to the weight's entries instead of the activations (DropConnect, Wan et
+    # al. 2013), so F.dropout does it: a Bernoulli(1 - p) keep mask and the 1/(1-p) scale in one kernel.
+    return F.dropout(weight, p, training=True)
 
 
 class LoRALinear(nn.Module):
@@ -82,7 +83,7 @@ class LoRALinear(nn.Module):
                 coeff = drop_connect(coeff, self.p)        # stage 1 regularizes the identity coefficients
             elif self.stage == "sequence":
                 residual = drop_connect(residual, self.p)  # stage 2: only the trainable residual
-        return self.s_id * coeff + self.s_mot * residual   # (r, in)
+        return torch.add(self.s_id * coeff, residual, alpha=self.s_mot)   # s_id*coeff + s_mot*residual (r, in)
 
     def delta_weight(self) -> torch.Tensor:
         """The dense (out, in) update; for tests and inspection only, training never builds it."""
@@ -91,8 +92,10 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)                                        # (..., out), the frozen layer
         # Two thin matmuls through the rank-r bottleneck instead of materializing W' (out, in).
-        h = F.linear(x, self.effective_coeff().to(x.dtype))     # (..., r)
-        return y + self.scale * F.linear(h, self.basis.to(x.dtype))  # (..., out)
+        # The scale multiplies the rank-r bottleneck h, not the (..., out) output: the same product
+        # with an r-wide elementwise pass instead of a full-width one (and its backward).
+        h = self.scale * F.linear(x, self.effective_coeff().to(x.dtype))  # (..., r)
+        return y + F.linear(h, self.basis.to(x.dtype))                     # (..., out)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, stage={self.stage}, p={self.p}"

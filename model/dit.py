@@ -79,12 +79,17 @@ def rope_angles(grid: tuple[int, int, int], rope_dims: tuple[int, int, int],
     return rearrange(angles, "f h w j -> (f h w) j")  # same token order as patchify
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the interleaved pairs (x[2j], x[2j+1]) of q or k: (B, N, L, d), math in fp32."""
-    # Interleaved, NOT rotate-half: pair j is the complex number x[2j] + i*x[2j+1].
-    real, imag = rearrange(x.float(), "b n l (j two) -> two b n l j", two=2)  # each (B, N, L, d/2)
-    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos])  # (2, B, N, L, d/2)
-    return rearrange(rotated, "two b n l j -> b n l (j two)").type_as(x)
+def apply_rope(x: Tensor, rotation: Tensor) -> Tensor:
+    """Rotate the interleaved pairs (x[2j], x[2j+1]) of q or k: (B, N, L, d), math in fp32.
+
+    rotation: (L, d/2) complex64, cos + i*sin of each (token, pair) angle.
+    """
+    # Interleaved, NOT rotate-half: pair j is the complex number x[2j] + i*x[2j+1], and rotating it by
+    # an angle is one complex product (as the original Wan code does it): one kernel instead of six
+    # real passes (re*cos - im*sin, re*sin + im*cos), and the same bits.
+    pairs = torch.view_as_complex(rearrange(x.float(), "b n l (j two) -> b n l j two", two=2))  # (B, N, L, d/2)
+    rotated = torch.view_as_real(pairs * rotation)                                              # (B, N, L, d/2, 2)
+    return rearrange(rotated, "b n l j two -> b n l (j two)").type_as(x)
 
 
 class RoPE3D(nn.Module):
@@ -135,9 +140,9 @@ class Attention(nn.Module):
 class SelfAttention(Attention):
     """Video tokens attend to each other, positions given by 3D RoPE on q and k."""
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        q = apply_rope(self.split_heads(self.norm_q(self.q(x))), cos, sin)  # (B, N, L, d)
-        k = apply_rope(self.split_heads(self.norm_k(self.k(x))), cos, sin)  # (B, N, L, d)
+    def forward(self, x: Tensor, rotation: Tensor) -> Tensor:
+        q = apply_rope(self.split_heads(self.norm_q(self.q(x))), rotation)  # (B, N, L, d)
+        k = apply_rope(self.split_heads(self.norm_k(self.k(x))), rotation)  # (B, N, L, d)
         v = self.split_heads(self.v(x))                                     # (B, N, L, d)
         out = scaled_dot_product_attention(q, k, v)  # non-causal, scale 1/sqrt(d); (B, N, L, d)
         return self.o(self.merge_heads(out))         # (B, L, D)
@@ -172,13 +177,13 @@ class WanBlock(nn.Module):
         # This block's own learned offsets to the time projection e0, which all blocks share.
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x: Tensor, e0: Tensor, context: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, e0: Tensor, context: Tensor, rotation: Tensor) -> Tensor:
         # x: (B, L, D) fp32 residual stream; e0: (B, 6, D) fp32; context: (B, S, D)
         modulation = self.modulation.float() + e0  # (B, 6, D), in fp32 whatever the weight dtype
         (shift_msa, scale_msa, gate_msa,
          shift_mlp, scale_mlp, gate_mlp) = modulation.chunk(6, dim=1)  # each (B, 1, D)
 
-        y = self.self_attn(self.norm1(x) * (1 + scale_msa) + shift_msa, cos, sin)  # (B, L, D)
+        y = self.self_attn(self.norm1(x) * (1 + scale_msa) + shift_msa, rotation)  # (B, L, D)
         x = x + y.float() * gate_msa  # gated adds stay in fp32, as in the original
 
         x = x + self.cross_attn(self.norm3(x), context).float()  # no modulation, no gate
@@ -292,13 +297,15 @@ class WanDiT(nn.Module):
         x, grid = self.patchify(x)                # (B, L, D)
         x = x.float()                             # the residual stream is fp32 throughout
         cos, sin = self.rope(grid, x.device)      # each (L, d/2), cached per grid
+        # One complex table per call, shared by every block (so backward saves it once): cos + i*sin.
+        rotation = torch.complex(cos, sin)        # (L, d/2) complex64
 
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # Keep only the block inputs; recompute the activations during backward.
-                x = checkpoint(block, x, e0, context, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, e0, context, rotation, use_reentrant=False)
             else:
-                x = block(x, e0, context, cos, sin)  # (B, L, D)
+                x = block(x, e0, context, rotation)  # (B, L, D)
 
         x = self.head(x, e)                 # (B, L, pt*ph*pw*C) fp32
         return self.unpatchify(x, grid)     # (B, C, F, H, W) fp32

@@ -102,7 +102,9 @@ class ResidualBlock(nn.Module):
         # x: (B, C_in, t, H, W)
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
         h = conv1(F.silu(norm1(x)), cache)          # (B, C_out, t, H, W)
-        h = conv2(F.silu(norm2(h)), cache)          # (B, C_out, t, H, W)
+        # Rebind h before conv2 runs, so conv1's output is freed first: one activation less at the peak.
+        h = F.silu(norm2(h))
+        h = conv2(h, cache)                         # (B, C_out, t, H, W)
         return h + self.shortcut(x)
 
 
