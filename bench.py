@@ -56,7 +56,7 @@ RANK = 8                # the LoRA rank of the issue: train.py's default
 TRAIN_LR, TRAIN_CLIP = 1e-4, 0.05   # train.py's --lr and --clip defaults
 
 
-# ---- peak memory ----
+# ---- peak memory and timing ----
 class LiveTensorBytes(TorchDispatchMode):
     """Peak bytes of the tensor storages created while active; the CPU stand-in for max_memory_allocated."""
 
