@@ -9,7 +9,7 @@ as Wan2.1 (model/), a tiny config, trained in the order the real one was built:
              held-out colours/shapes/patterns/motions never appear; measures latents_mean/std
   dit        the DiT with flow matching (model/flow.py) on the cached latents, the small umT5
              trained jointly (then frozen forever, like the real one); 10% empty captions for CFG
-  export     a diffusers-format folder (toy/checkpoint/) via model/loader.save_diffusers
+  export     a diffusers-format folder (toy/checkpoint/) via model/save.save_diffusers
 Each invocation runs the named parts (or all) for at most --minutes, checkpointing atomically
 in --run-dir; run it again and it resumes exactly where it stopped (RNG states are saved too).
 
@@ -37,27 +37,10 @@ from model import flow
 from model.config import PRESETS, WanConfig
 from model.dit import WanDiT
 from model.text_encoder import Tokenizer, UMT5Encoder
-from model.vae import CausalCache, WanVAE
 from toy import concepts, world
+from toy.pretrain_vae import Deadline, load_vae, save_atomic, train_vae
 
 PARTS = ("tokenizer", "vae", "latents", "dit", "export")
-
-
-def save_atomic(obj: dict, path: str) -> None:
-    """torch.save to a temporary name, then rename: a killed run never leaves half a checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-class Deadline:
-    """The wall-clock budget of one invocation (--minutes), shared by all parts it runs."""
-
-    def __init__(self, minutes: float):
-        self.end = time.time() + 60 * minutes
-
-    def passed(self) -> bool:
-        return time.time() > self.end
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -98,116 +81,6 @@ def load_tokenizer(args, cfg: WanConfig) -> Tokenizer:
     if tokenizer.vocab_size != cfg.t5.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, the toy preset says {cfg.t5.vocab_size}")
     return tokenizer
-
-
-# ---------------------------------------------------------------------------- VAE
-
-def render_pool(count: int, split: str, seed: int) -> torch.Tensor:
-    """(N, T, H, W, 3) uint8 clips of random scenes."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.stack([world.render(world.random_scene(generator, split))
-                        for _ in tqdm(range(count), desc=f"render {split} pool")])
-
-
-def vae_batch(pool: torch.Tensor, step: int, total: int, args, generator: torch.Generator) -> torch.Tensor:
-    """(B, 3, T, H, W) in [-1, 1]: 2 of 4 steps single frames, 1 a 5-frame clip, 1 the full 17 frames."""
-    # The causal VAE encodes frame 0 alone, so single frames train the image path (and most of
-    # every clip's cost); short clips train the 4-frame temporal chunks; full clips the whole cache.
-    kind = step % 4
-    frames, batch = {0: (1, args.vae_batch), 1: (1, args.vae_batch), 2: (5, args.vae_batch // 4)}.get(kind, (17, 2))
-    # Random crops: the VAE is convolutional, and 32x32 crops cost a quarter of a full frame.
-    # The last 5% of steps use whole 64x64 frames, the size the model will always see.
-    crop = world.FRAME_SIZE if step >= 0.95 * total else args.vae_crop
-    clips = torch.randint(len(pool), (batch,), generator=generator)
-    start = torch.randint(world.NUM_FRAMES - frames + 1, (batch,), generator=generator)
-    corners = torch.randint(world.FRAME_SIZE - crop + 1, (batch, 4, 2), generator=generator)
-    videos = []
-    for c, s, options in zip(clips.tolist(), start.tolist(), corners.tolist()):
-        # Of 4 random crops keep the busiest: a random crop is mostly flat background, and a VAE
-        # fed those learns the background colours first and the sprites (few pixels) very late.
-        crops = [pool[c, s:s + frames, y:y + crop, x:x + crop] for y, x in options]
-        videos.append(world.to_pixels(max(crops, key=lambda v: float(v.float().std()))))  # (T, 3, h, w)
-    return torch.stack(videos).permute(0, 2, 1, 3, 4)                            # (B, 3, T, h, w)
-
-
-def reconstruct(vae: WanVAE, video: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior sample -> decoded video WITHOUT decode's final clamp (a clamp has no gradient), and the KL."""
-    mean, logvar = vae.moments(video)                     # (B, z, F, h/8, w/8) each
-    logvar = logvar.clamp(-30.0, 20.0)
-    z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
-    x, cache, frames = vae.conv2(z), CausalCache(), []
-    for i in range(x.shape[2]):                           # as WanVAE.decode_raw: one latent frame at a time
-        frames.append(vae.decoder(x[:, :, i:i + 1], cache))
-        cache.next_chunk()
-    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-    return torch.cat(frames, dim=2), kl
-
-
-def train_vae(args, cfg: WanConfig, deadline: Deadline) -> None:
-    path = os.path.join(args.run_dir, "vae.pt")
-    state = torch.load(path) if os.path.exists(path) else None
-    if state is not None and state["step"] >= args.vae_steps:
-        return
-    pool_path = os.path.join(args.run_dir, "vae_pool.pt")
-    if not os.path.exists(pool_path):
-        # The VAE is a general compressor, like Wan's (trained on everything): it sees the WHOLE
-        # vocabulary, held-out looks and motions included, or the concept videos could not even be
-        # encoded. Only the DiT, the generative prior, never sees the held-out words.
-        save_atomic({"clips": render_pool(args.vae_clips, "all", args.seed + 1)}, pool_path)
-    pool = torch.load(pool_path)["clips"]
-
-    torch.manual_seed(args.seed)
-    vae = WanVAE(cfg.vae)
-    # Start almost deterministic: with log-variance ~0 the posterior noise (std 1) drowns the tiny
-    # initial means and the decoder cannot learn to use the latent (loss stalls at the frame variance).
-    with torch.no_grad():
-        vae.conv1.bias[cfg.vae.z_dim:] = -6.0
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
-    generator = torch.Generator().manual_seed(args.seed + 2)
-    step = 0
-    if state is not None:
-        vae.load_state_dict(state["vae"])
-        opt.load_state_dict(state["opt"])
-        generator.set_state(state["generator"])
-        step = state["step"]
-
-    def save():
-        save_atomic({"vae": vae.state_dict(), "opt": opt.state_dict(), "generator": generator.get_state(),
-                     "step": step}, path)
-
-    last_save, log = time.time(), tqdm(total=args.vae_steps, initial=step, desc="vae", mininterval=10)
-    while step < args.vae_steps:
-        if deadline.passed():
-            save()
-            return
-        # linear warmup, then cosine decay to 10%
-        progress = step / args.vae_steps
-        lr = args.vae_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        video = vae_batch(pool, step, args.vae_steps, args, generator)
-        rec, kl = reconstruct(vae, video, generator)
-        mse = (rec - video).pow(2).mean()
-        loss = mse + args.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        step += 1
-        log.update(1)
-        log.set_postfix(mse=f"{mse.item():.4f}", kl=f"{kl.item():.1f}", T=video.shape[2], refresh=False)
-        if step % 50 == 0:
-            print(f"vae step {step} mse {mse.item():.5f} kl {kl.item():.2f} T {video.shape[2]}", flush=True)
-        if time.time() - last_save > 60 * args.save_minutes:
-            save()
-            last_save = time.time()
-    save()
-
-
-def load_vae(args, cfg: WanConfig) -> WanVAE:
-    vae = WanVAE(cfg.vae)
-    vae.load_state_dict(torch.load(os.path.join(args.run_dir, "vae.pt"))["vae"])
-    return vae.eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------- latent cache
