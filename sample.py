@@ -63,6 +63,27 @@ def generate_latents(dit, context: torch.Tensor, negative: torch.Tensor | None, 
     return run(velocity, noise, sigmas, progress=progress)
 
 
+@torch.no_grad()
+def generate_videos(model: str, adapters: list[str], prompts: list[str], seed: int, steps: int | None = None,
+                    s_id: float = 1.0, s_mot: float = 1.0) -> torch.Tensor:
+    """Videos (B, 3, T, H, W) in [-1, 1] for B prompts in one batch, on the CPU, at the model's defaults.
+
+    For scripts that compare many samples (eval.py, toy/make_strip.py): the same noise stream
+    (seed) for every call, the model's negative prompt, UniPC with CFG, like `main` below.
+    """
+    models = load_wan(model)
+    cfg = models.cfg
+    apply_adapters(models.dit, adapters, models.model_id, s_id, s_mot)
+    states = encode_prompts(models.tokenizer, models.text_encoder, prompts + [cfg.negative_prompt], "cpu")
+    context, negative = states[:-1], states[-1:].expand(len(prompts), -1, -1)
+    shape = (len(prompts), cfg.vae.z_dim, (cfg.num_frames - 1) // cfg.vae.temporal_factor + 1,
+             cfg.height // cfg.vae.spatial_factor, cfg.width // cfg.vae.spatial_factor)
+    latents = generate_latents(models.dit, context, negative, shape, "unipc", steps or cfg.sample_steps,
+                               cfg.sample_shift, cfg.guidance_scale, torch.Generator().manual_seed(seed),
+                               progress=False)
+    return models.vae.decode(latents)
+
+
 def apply_adapters(dit, paths: list[str], model_id: str, s_id: float, s_mot: float) -> list[dict]:
     """Load each adapter strictly, set its strengths, and merge it into the DiT's weights."""
     metas = []
@@ -90,7 +111,7 @@ def load_adapter_file(dit, path: str, model_id: str) -> dict:
     if missing:
         raise ValueError(f"adapter {path} targets layers this model does not have ({missing[:3]}...): "
                          f"it was trained for {meta.get('base_model_id')!r}, this model is {model_id!r}")
-    inject(dit, meta["targets"], rank=meta["rank"], alpha=meta["alpha"])
+    inject(dit, meta["targets"], rank=meta["rank"], alpha=meta["alpha"], basis_side=meta.get("basis_side", "output"))
     load_adapter(path, dit, base_model_id=model_id)
     return meta
 

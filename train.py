@@ -2,6 +2,7 @@
 
     python train.py --stage set        # identity basis + coefficients, from the video's frames as a set
     python train.py --stage sequence   # motion residual on the coefficients, from the ordered clip
+    python train.py --stage single     # baseline: one plain LoRA stage on the clip (the paper's DB-LoRA)
 
 Stage set trains `basis` and `coeff` of a LoRA on every DiT block linear, on random single frames
 (1-frame videos) with the static prompt "a [v] ...". Stage sequence freezes them and trains only
@@ -9,6 +10,8 @@ Stage set trains `basis` and `coeff` of a LoRA on every DiT block linear, on ran
 span of the identity basis: delta W = basis @ (coeff + residual). Everything is cached once per
 run folder: the video's latents, the prompts' text states (then the text encoder is released) and
 the prior-preservation samples that the base model generates from generic prompts.
+Stage single is the comparison eval.py needs: basis and coeff trained together on the whole clip
+with the motion prompt, no DropConnect (a DreamBooth LoRA), 1500 steps = set + sequence.
 Shapes: B batch, C latent channels, F H W latent frames/height/width, S text rows, D text width.
 """
 import argparse
@@ -138,6 +141,7 @@ def main(args: argparse.Namespace) -> str:
         cache_latents(c.video, models.vae, os.path.join(run_dir, "cache", f"video{i}.safetensors"), cfg.fps,
                       height, width, frames, models.model_id, device, dtype) for i, c in enumerate(concepts)]
     stage_prompts = [c.static_prompt if args.stage == "set" else c.motion_prompt for c in concepts]
+    # (stage single learns identity and motion at once, from the clip and the motion prompt)
     encode = lambda p: encode_prompts(models.tokenizer, models.text_encoder, p, device)  # noqa: E731
     text = cache_text(stage_prompts, encode, os.path.join(run_dir, "cache", f"text-{args.stage}.safetensors"),
                       models.model_id)                                                   # (V, S, D)
@@ -153,15 +157,19 @@ def main(args: argparse.Namespace) -> str:
 
     # ---- 2. The adapter: fresh for stage set; stage sequence continues from the stage-set file.
     dit = models.dit
-    if args.stage == "set":
-        inject(dit, rank=args.rank, alpha=args.alpha)
-    else:
+    if args.stage == "sequence":
         load_adapter_file(dit, set_path, models.model_id)  # rank/targets come from the file, strictly
-    set_stage(dit, args.stage, p=args.drop)
+        set_stage(dit, "sequence", p=args.drop)
+    else:
+        inject(dit, rank=args.rank, alpha=args.alpha, basis_side=args.basis_side)
+        # stage single trains the same tensors as stage set: a plain LoRA, no DropConnect by default
+        set_stage(dit, "set", p=args.drop if args.drop is not None or args.stage == "set" else 0.0)
     dit.train()
     dit.gradient_checkpointing = args.grad_ckpt
     params = trainable_parameters(dit)
-    optimizer = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    lr = cfg.lora_lr if args.lr is None else args.lr
+    text_mask = cfg.lora_text_mask if args.text_mask is None else args.text_mask
+    optimizer = torch.optim.AdamW(params.values(), lr=lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
 
     # ---- 3. Resume: restore adapter, optimizer and RNGs; the batch iterators are replayed.
     data_gen, noise_gen = torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(args.seed + 1)
@@ -194,12 +202,12 @@ def main(args: argparse.Namespace) -> str:
         next_batch()
 
     # ---- 4. The loop.
-    steps = args.steps or (600 if args.stage == "set" else 900)
+    steps = args.steps or {"set": 600, "sequence": 900, "single": 1500}[args.stage]
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"stage {args.stage}")
     for step in bar:
         x0, context, weights = next_batch()            # (B', C, F, H, W), (B', S, D), (B',)
         # Per-token text masking (method.md Reg. 2): zeroed rows look like Wan's padding rows.
-        keep = torch.rand(context.shape[:2], generator=noise_gen) >= args.text_mask   # (B', S)
+        keep = torch.rand(context.shape[:2], generator=noise_gen) >= text_mask        # (B', S)
         context = context * keep[..., None]
         # Timesteps: uniform then shifted by the model's sampling shift (default), so training
         # weights noise levels the way the sampler visits them; coarse layout and motion are
@@ -245,10 +253,10 @@ def main(args: argparse.Namespace) -> str:
 def check_flags(args: argparse.Namespace) -> None:
     """Out-of-range flags fail before any model is loaded."""
     checks = [(args.rank >= 1, "--rank must be >= 1"), (args.batch >= 1, "--batch must be >= 1"),
-              (args.lr > 0, "--lr must be > 0"), (args.clip > 0, "--clip must be > 0"),
+              (args.lr is None or args.lr > 0, "--lr must be > 0"), (args.clip > 0, "--clip must be > 0"),
               (args.steps is None or args.steps >= 1, "--steps must be >= 1"),
               (args.drop is None or 0 <= args.drop < 1, "--drop must be in [0, 1)"),
-              (0 <= args.text_mask < 1, "--text-mask must be in [0, 1)"),
+              (args.text_mask is None or 0 <= args.text_mask < 1, "--text-mask must be in [0, 1)"),
               (args.prior_weight >= 0, "--prior-weight must be >= 0"),
               (args.prior_count >= 1 and args.prior_batch >= 1, "--prior-count and --prior-batch must be >= 1"),
               (args.save_every >= 1, "--save-every must be >= 1")]
@@ -260,7 +268,8 @@ def check_flags(args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # what to learn
-    p.add_argument("--stage", choices=("set", "sequence"), required=True, help="set: identity; sequence: motion")
+    p.add_argument("--stage", choices=("set", "sequence", "single"), required=True,
+                   help="set: identity; sequence: motion; single: the one-stage LoRA baseline")
     p.add_argument("--video", action="append", help="video file or frame folder; repeat to train concepts "
                    "jointly with one shared basis (default: the toy world's first concept)")
     p.add_argument("--prompt", action="append", help="static prompt with the identity token, once per --video")
@@ -273,19 +282,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--height", type=int, help="height, multiple of 16 (default: the model's)")
     p.add_argument("--width", type=int, help="width, multiple of 16 (default: the model's)")
     # optimization (method.md: the paper's values)
-    p.add_argument("--steps", type=int, help="training steps (default 600 for set, 900 for sequence)")
+    p.add_argument("--steps", type=int, help="training steps (default 600 set, 900 sequence, 1500 single)")
     p.add_argument("--batch", type=int, default=8, help="concept samples per step")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (betas 0.9, 0.99)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate, betas (0.9, 0.99) (default: the model's, "
+                   "1e-4 for Wan as in the paper)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--clip", type=float, default=0.05, help="gradient-norm clipping")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (stage set; sequence reads it from the file)")
+    p.add_argument("--basis-side", choices=("output", "input"), default="output",
+                   help="where the shared basis sits: output (basis @ coeff, method.md DECISION) or input")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default r: scale 1)")
     p.add_argument("--timesteps", choices=("uniform", "logit_normal"), default="uniform",
                    help="training noise-level distribution before the shift")
     p.add_argument("--train-shift", type=float, help="timestep shift in training (default: the model's)")
     # regularization (method.md section 3.4)
-    p.add_argument("--drop", type=float, help="DropConnect p on the coefficients (default 0.8 set, 0.5 sequence)")
-    p.add_argument("--text-mask", type=float, default=0.1, help="per-token text masking probability")
+    p.add_argument("--drop", type=float, help="DropConnect p on the coefficients (default 0.8 set, 0.5 sequence, "
+                   "0 single)")
+    p.add_argument("--text-mask", type=float, help="per-token text masking probability (default: the model's, "
+                   "0.1 for Wan as in the paper)")
     p.add_argument("--prior-weight", type=float, default=1.0, help="loss weight of prior samples (0 = off)")
     p.add_argument("--prior-count", type=int, default=4, help="number of base-model prior samples")
     p.add_argument("--prior-batch", type=int, default=2, help="prior samples mixed into each batch")

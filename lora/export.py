@@ -6,6 +6,9 @@ is still rank r, so it is exactly a standard LoRA with
     lora_B = scale * basis                     (out, r)
     lora_A = s_id * coeff + s_mot * residual   (r, in)
 
+(with the basis on the input side, the mirror: lora_B = scale * (s_id * coeff + s_mot * residual),
+lora_A = basis).
+
 The scale is baked into lora_B and the strengths into lora_A, so every loader must apply the
 product with scale 1. No DropConnect is applied: export is the inference-time delta.
 
@@ -52,8 +55,10 @@ def export_lora(model: nn.Module, path: str, fmt: str, s_id: float = 1.0,
         raise ValueError("export_lora: the model has no adapter; call inject(model) and load one first")
     tensors = {}
     for name, m in adapters.items():
-        lora_b = (m.scale * m.basis).contiguous().cpu()                            # (out, r)
-        lora_a = (s_id * m.coeff + s_mot * m.residual).contiguous().cpu()          # (r, in)
+        coeff = s_id * m.coeff + s_mot * m.residual          # (r, in); (out, r) with the basis on the input side
+        left, right = (m.basis, coeff) if m.basis_side == "output" else (coeff, m.basis)
+        lora_b = (m.scale * left).contiguous().cpu()                               # (out, r)
+        lora_a = right.contiguous().cpu()                                          # (r, in)
         if fmt == "comfyui":
             prefix = f"diffusion_model.{name}"
             # alpha = r: ComfyUI and diffusers multiply by alpha / r, which must be 1 (scale is in lora_B).

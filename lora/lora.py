@@ -9,7 +9,9 @@ Follows shared/reference/method.md, "LoRA parametrization" (paper Eq. 2, 3, 6) a
 
 with basis (out, r) = the paper's A1, coeff (r, in) = B1, residual (r, in) = B2, scale = alpha / r.
 The basis is the OUTPUT-side factor (method.md DECISION), so it plays the role of a standard
-LoRA's lora_B and coeff + residual the role of lora_A; lora/export.py relies on that.
+LoRA's lora_B and coeff + residual the role of lora_A. The other reading of the paper, the basis
+on the INPUT side (basis_side="input": delta = scale * (coeff + residual) @ basis, basis (r, in),
+coeff and residual (out, r)), is kept as an option so eval.py can compare the two.
 
 This file holds the module, its injection into a DiT (original Wan module names: blocks.N.self_attn.q,
 ..., blocks.N.ffn.2), the stage switch (which tensors train, which get DropConnect) and the
@@ -28,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
+BASIS_SIDES = ("output", "input")   # method.md DECISION: output (a file without the key is "output")
 # DropConnect probability per stage (method.md, Regularization 1: 0.8 in Set, 0.5 in Sequence).
 DEFAULT_DROP = {"set": 0.8, "sequence": 0.5, "eval": 0.0}
 # Every linear of every DiT block (method.md DECISION, as the common Wan LoRA trainers do).
@@ -45,15 +48,18 @@ def drop_connect(weight: torch.Tensor, p: float) -> torch.Tensor:
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus scale * basis @ (s_id * coeff + s_mot * residual)."""
+    """A frozen nn.Linear plus scale * basis @ (s_id * coeff + s_mot * residual) (or the input-side mirror)."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, basis_side: str = "output"):
         super().__init__()
+        if basis_side not in BASIS_SIDES:
+            raise ValueError(f"LoRALinear: basis_side must be one of {BASIS_SIDES}, got {basis_side!r}")
         out_dim, in_dim = base.weight.shape
         self.base = base.requires_grad_(False)
         self.rank = rank
         self.alpha = alpha
         self.scale = alpha / rank
+        self.basis_side = basis_side
         # Adapter tensors are fp32 whatever the base dtype: AdamW updates them, and a bf16 copy
         # would round away steps of lr=1e-4. The forward casts them to the activation dtype.
         device, fp32 = base.weight.device, torch.float32
@@ -68,6 +74,13 @@ class LoRALinear(nn.Module):
         # start of stage "sequence" the model equals the stage-"set" model, and the residual still
         # gets a gradient through the now-trained basis.
         nn.init.kaiming_uniform_(self.coeff, a=math.sqrt(5))  # nn.Linear's / peft's lora_A init
+        if basis_side == "input":
+            # The mirror: the basis is the input-side factor, so it takes lora_A's random init and the
+            # coefficients lora_B's zero (the residual is zero either way): still an exact no-op at init.
+            self.basis = nn.Parameter(torch.empty(rank, in_dim, device=device, dtype=fp32))
+            self.coeff = nn.Parameter(torch.zeros(out_dim, rank, device=device, dtype=fp32))
+            self.residual = nn.Parameter(torch.zeros(out_dim, rank, device=device, dtype=fp32))
+            nn.init.kaiming_uniform_(self.basis, a=math.sqrt(5))
         # Inference strengths of identity and motion (method.md, Inference); 1.0 while training.
         self.s_id = 1.0
         self.s_mot = 1.0
@@ -76,7 +89,7 @@ class LoRALinear(nn.Module):
         self.p = 0.0
 
     def effective_coeff(self) -> torch.Tensor:
-        """The (r, in) right factor of the delta, with DropConnect when training."""
+        """The (r, in) right factor of the delta ((out, r) left one, input side), with DropConnect when training."""
         coeff, residual = self.coeff, self.residual
         if self.training and self.p > 0:
             if self.stage == "set":
@@ -85,20 +98,28 @@ class LoRALinear(nn.Module):
                 residual = drop_connect(residual, self.p)  # stage 2: only the trainable residual
         return torch.add(self.s_id * coeff, residual, alpha=self.s_mot)   # s_id*coeff + s_mot*residual (r, in)
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(left (out, r), right (r, in)) with delta W = scale * left @ right, whichever side the basis is on."""
+        if self.basis_side == "output":
+            return self.basis, self.effective_coeff()
+        return self.effective_coeff(), self.basis
+
     def delta_weight(self) -> torch.Tensor:
         """The dense (out, in) update; for tests and inspection only, training never builds it."""
-        return self.scale * self.basis @ self.effective_coeff()
+        left, right = self.factors()
+        return self.scale * left @ right
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)                                        # (..., out), the frozen layer
         # Two thin matmuls through the rank-r bottleneck instead of materializing W' (out, in).
         # The scale multiplies the rank-r bottleneck h, not the (..., out) output: the same product
         # with an r-wide elementwise pass instead of a full-width one (and its backward).
-        h = self.scale * F.linear(x, self.effective_coeff().to(x.dtype))  # (..., r)
-        return y + F.linear(h, self.basis.to(x.dtype))                     # (..., out)
+        left, right = self.factors()                            # (out, r), (r, in)
+        h = self.scale * F.linear(x, right.to(x.dtype))         # (..., r)
+        return y + F.linear(h, left.to(x.dtype))                # (..., out)
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}, stage={self.stage}, p={self.p}"
+        return f"rank={self.rank}, alpha={self.alpha}, basis_side={self.basis_side}, stage={self.stage}, p={self.p}"
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -113,7 +134,7 @@ def default_targets(model: nn.Module) -> list[str]:
 
 
 def inject(model: nn.Module, targets: list[str] | None = None, rank: int = 8,
-           alpha: float | None = None) -> list[str]:
+           alpha: float | None = None, basis_side: str = "output") -> list[str]:
     """Replace each target nn.Linear (full module name) by a LoRALinear; returns the targets."""
     if rank < 1:
         raise ValueError(f"inject: rank must be >= 1, got {rank}")
@@ -133,7 +154,7 @@ def inject(model: nn.Module, targets: list[str] | None = None, rank: int = 8,
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         # setattr also works inside nn.Sequential (ffn.0): its children are named "0", "1", ...
-        setattr(model.get_submodule(parent_name), child, LoRALinear(modules[name], rank, alpha))
+        setattr(model.get_submodule(parent_name), child, LoRALinear(modules[name], rank, alpha, basis_side))
     return targets
 
 
@@ -187,16 +208,16 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             for name, m in lora_modules(model).items() for tensor in ("basis", "coeff", "residual")}
 
 
-def adapter_hyperparameters(model: nn.Module) -> tuple[int, float, list[str]]:
-    """(rank, alpha, targets) shared by all adapters of the model."""
+def adapter_hyperparameters(model: nn.Module) -> tuple[int, float, str, list[str]]:
+    """(rank, alpha, basis_side, targets) shared by all adapters of the model."""
     adapters = lora_modules(model)
     if not adapters:
         raise ValueError("the model has no adapter; call inject(model) first")
-    ranks_alphas = {(m.rank, m.alpha) for m in adapters.values()}
-    if len(ranks_alphas) > 1:
-        raise ValueError(f"adapters with different (rank, alpha) in one model: {sorted(ranks_alphas)}")
-    (rank, alpha), = ranks_alphas
-    return rank, alpha, list(adapters)
+    shared = {(m.rank, m.alpha, m.basis_side) for m in adapters.values()}
+    if len(shared) > 1:
+        raise ValueError(f"adapters with different (rank, alpha, basis side) in one model: {sorted(shared)}")
+    (rank, alpha, side), = shared
+    return rank, alpha, side, list(adapters)
 
 
 def save_adapter(path: str, model: nn.Module, meta: dict) -> None:
@@ -205,8 +226,9 @@ def save_adapter(path: str, model: nn.Module, meta: dict) -> None:
     for key in ("base_model_id", "stage"):
         if key not in meta:
             raise ValueError(f"save_adapter: meta needs a {key!r} entry")
-    rank, alpha, targets = adapter_hyperparameters(model)
-    header = {"format_version": FORMAT_VERSION, "rank": rank, "alpha": alpha, "targets": targets}
+    rank, alpha, side, targets = adapter_hyperparameters(model)
+    header = {"format_version": FORMAT_VERSION, "rank": rank, "alpha": alpha, "basis_side": side,
+              "targets": targets}
     clash = sorted(set(header) & set(meta))
     if clash:
         raise ValueError(f"save_adapter: meta may not set {clash}; they are read from the model")
@@ -230,11 +252,13 @@ def load_adapter(path: str, model: nn.Module, base_model_id: str) -> dict:
     if meta.get("base_model_id") != base_model_id:
         raise ValueError(f"load_adapter: {path} was trained on base model {meta.get('base_model_id')!r}, "
                          f"not {base_model_id!r}; load that base model first")
-    rank, alpha, targets = adapter_hyperparameters(model)
-    if (meta["rank"], meta["alpha"]) != (rank, alpha):
-        raise ValueError(f"load_adapter: {path} has rank={meta['rank']}, alpha={meta['alpha']}, the model "
-                         f"was injected with rank={rank}, alpha={alpha}; call inject(model, rank="
-                         f"{meta['rank']}, alpha={meta['alpha']}) on a fresh model")
+    rank, alpha, side, targets = adapter_hyperparameters(model)
+    file_side = meta.get("basis_side", "output")
+    if (meta["rank"], meta["alpha"], file_side) != (rank, alpha, side):
+        raise ValueError(f"load_adapter: {path} has rank={meta['rank']}, alpha={meta['alpha']}, "
+                         f"basis_side={file_side}, the model was injected with rank={rank}, alpha={alpha}, "
+                         f"basis_side={side}; call inject(model, rank={meta['rank']}, alpha={meta['alpha']}, "
+                         f"basis_side={file_side!r}) on a fresh model")
     if set(meta["targets"]) != set(targets):
         only_file = sorted(set(meta["targets"]) - set(targets))
         only_model = sorted(set(targets) - set(meta["targets"]))

@@ -86,6 +86,7 @@ def train_steps(model: nn.Module, inputs: tuple, steps: int = 3) -> None:
 
 
 MODELS = pytest.mark.parametrize("kind", ["standin", "wandit"])
+SIDES = pytest.mark.parametrize("side", ["output", "input"])   # where the shared basis sits
 
 
 # ---- injection ----
@@ -113,24 +114,26 @@ def test_inject_rejects_unknown_and_non_linear_targets():
 
 # ---- exact no-op ----
 @MODELS
-def test_adapter_is_exact_noop_at_init(kind):
+@SIDES
+def test_adapter_is_exact_noop_at_init(kind, side):
     """Right after inject the output is bit-identical to the base model, in eval and in stage-set training mode."""
     model, inputs = make_model(kind)
     with torch.no_grad():
         reference = model(*inputs)
-        inject(model)
+        inject(model, basis_side=side)
         assert torch.equal(model.eval()(*inputs), reference)
         set_stage(model, "set")
         assert torch.equal(model.train()(*inputs), reference)  # DropConnect on coeff, basis still zero
 
 
 @MODELS
-def test_sequence_stage_starts_as_the_set_model(kind):
+@SIDES
+def test_sequence_stage_starts_as_the_set_model(kind, side):
     """After stage-set training, switching to stage sequence (zero residual) changes no output bit."""
     model, inputs = make_model(kind)
     with torch.no_grad():
         base_out = model(*inputs)
-    inject(model)
+    inject(model, basis_side=side)
     set_stage(model, "set")
     train_steps(model, inputs)
     with torch.no_grad():
@@ -143,10 +146,11 @@ def test_sequence_stage_starts_as_the_set_model(kind):
 
 # ---- stages ----
 @MODELS
-def test_stages_train_exactly_their_tensors(kind):
+@SIDES
+def test_stages_train_exactly_their_tensors(kind, side):
     """Stage set changes only basis+coeff, stage sequence only residual; everything else stays bit-identical."""
     model, inputs = make_model(kind)
-    inject(model)
+    inject(model, basis_side=side)
     names = list(lora_modules(model))
     for stage, trained in (("set", ("basis", "coeff")), ("sequence", ("residual",))):
         set_stage(model, stage)
@@ -273,6 +277,11 @@ def test_strict_load_rejects_mismatches(tmp_path):
     with pytest.raises(ValueError, match="rank=8.*rank=4"):
         load_adapter(path, other_rank, base_model_id="tiny-seed0")
 
+    other_side, _ = make_model("standin")
+    inject(other_side, basis_side="input")
+    with pytest.raises(ValueError, match="basis_side=output.*basis_side=input"):
+        load_adapter(path, other_side, base_model_id="tiny-seed0")
+
     fewer_targets, _ = make_model("standin")
     inject(fewer_targets, targets=default_targets(fewer_targets)[:-1])
     with pytest.raises(ValueError, match=r"only in the file: \['blocks\.1\.ffn\.2'\]"):
@@ -301,10 +310,11 @@ DIFFUSERS_NAMES = {"self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "se
 
 
 @pytest.mark.parametrize("fmt", ["comfyui", "diffusers"])
-def test_export_keys_and_product_equal_the_delta(fmt, tmp_path):
+@SIDES
+def test_export_keys_and_product_equal_the_delta(fmt, side, tmp_path):
     """The exported key set is exact and lora_B @ lora_A is our delta (strengths and scale baked in)."""
     model, _ = make_model("wandit")
-    targets = inject(model, rank=4, alpha=8.0)
+    targets = inject(model, rank=4, alpha=8.0, basis_side=side)
     randomize_adapters(model)
     path = str(tmp_path / "lora.safetensors")
     export_lora(model, path, fmt, s_id=0.7, s_mot=1.3)
@@ -378,3 +388,24 @@ def test_export_matches_diffusers_lora_loaders(tmp_path):
         with torch.no_grad():
             their_out = theirs(x, t, context, return_dict=False)[0]
         assert (our_out - their_out).abs().max() <= 1e-5 * their_out.abs().max(), fmt
+
+
+# ---- where the basis sits (method.md DECISION: output; input kept for eval.py's comparison) ----
+@SIDES
+def test_forward_is_base_plus_the_delta_in_the_basis_span(side):
+    """y = W x + delta x, and delta's columns (output side) or rows (input side) lie in the basis' span."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(12, 10), rank=3, alpha=6.0, basis_side=side)
+    with torch.no_grad():
+        for param in (layer.basis, layer.coeff, layer.residual):
+            param.normal_()
+    x = torch.randn(4, 12)
+    delta = layer.delta_weight()
+    torch.testing.assert_close(layer(x), layer.base(x) + x @ delta.T)
+    basis = layer.basis if side == "output" else layer.basis.T           # (out, r) or (in, r)
+    span = delta if side == "output" else delta.T
+    projected = basis @ torch.linalg.lstsq(basis, span).solution           # projection onto the basis' span
+    torch.testing.assert_close(projected, span, atol=1e-4, rtol=1e-4)
+    shapes = {"output": ((10, 3), (3, 12)), "input": ((3, 12), (10, 3))}[side]
+    assert (tuple(layer.basis.shape), tuple(layer.coeff.shape)) == shapes
+    assert layer.residual.shape == layer.coeff.shape

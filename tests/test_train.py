@@ -258,3 +258,35 @@ def test_two_videos_train_jointly(tiny, tmp_path):
         meta = f.metadata()
     assert '"a dog square on blue"' in meta["prompts"] and '"a sks square on blue"' in meta["prompts"]
     assert os.path.exists(tmp_path / "run" / "cache" / "video1.safetensors")
+
+
+def test_single_stage_baseline_trains_basis_and_coeff_on_the_clip(tiny, tmp_path):
+    """--stage single (the DB-LoRA baseline) trains basis + coeff with the motion prompt, no residual, and samples."""
+    run_train(tiny, tmp_path, "--stage", "single", "--steps", "3")
+    tensors = load_file(tmp_path / "single.safetensors")
+    with safe_open(tmp_path / "single.safetensors", "pt") as f:
+        meta = f.metadata()
+    assert meta["stage"] == '"single"' and "zwx" in meta["prompts"]       # the motion prompt
+    assert all(v.abs().sum() > 0 for k, v in tensors.items() if k.endswith(".basis"))
+    assert all(v.abs().sum() == 0 for k, v in tensors.items() if k.endswith(".residual"))
+    out = str(tmp_path / "single.mp4")
+    sample.main(sample.parse_args(["--model", tiny["flags"][1], "--adapter", str(tmp_path / "single.safetensors"),
+                                   "--prompt", "a sks square moving in zwx motion", "--steps", "2", "--out", out]))
+    assert os.path.exists(out)
+
+
+def test_input_side_basis_runs_both_stages(tiny, tmp_path):
+    """--basis-side input: the file records it, stage sequence keeps basis/coeff, sample.py loads it."""
+    run_train(tiny, tmp_path, "--stage", "set", "--steps", "3", "--basis-side", "input", "--rank", "2")
+    run_train(tiny, tmp_path, "--stage", "sequence", "--steps", "3")
+    seq, first = load_file(tmp_path / "sequence.safetensors"), load_file(tmp_path / "set.safetensors")
+    with safe_open(tmp_path / "sequence.safetensors", "pt") as f:
+        assert f.metadata()["basis_side"] == '"input"'
+    key = next(k for k in seq if k.endswith(".basis"))
+    assert seq[key].shape[0] == 2                                        # (r, in): the input-side factor
+    assert all(torch.equal(seq[k], first[k]) for k in seq if not k.endswith(".residual"))
+    assert any(v.abs().sum() > 0 for k, v in seq.items() if k.endswith(".residual"))
+    out = str(tmp_path / "input.mp4")
+    sample.main(sample.parse_args(["--model", tiny["flags"][1], "--adapter", str(tmp_path / "sequence.safetensors"),
+                                   "--prompt", "a sks square", "--steps", "2", "--out", out]))
+    assert os.path.exists(out)
