@@ -105,6 +105,10 @@ class WanConfig:
     guidance_scale: float = 5.0
     num_train_timesteps: int = 1000
     negative_prompt: str = WAN_NEGATIVE_PROMPT
+    # train.py's defaults for this model where they depend on it: the paper's values for Wan
+    # (method.md); the toy's were measured on the toy world (README, "The toy model").
+    lora_lr: float = 1e-4
+    lora_text_mask: float = 0.1
 
     def __post_init__(self):
         if self.dit.in_dim != self.vae.z_dim or self.dit.out_dim != self.vae.z_dim:
@@ -138,12 +142,18 @@ PRESETS: dict[str, WanConfig] = {
         # The real strides (8x spatial, 4x temporal) at 1/6 of Wan's width; latent stats measured by
         # `python -m toy.pretrain --part latents` over the DiT's 1500 training clips + 1500 frames.
         vae=VAEConfig(base_dim=16, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1,
-                      latents_mean=(-0.1732, -0.0795, -0.442, -0.6443, 0.0198, 0.1911, -0.0088, -0.3602,
-                                    0.1102, 0.0921, 0.3997, -0.048, 0.2718, 0.4334, -0.0158, 0.3048),
-                      latents_std=(0.8233, 0.4062, 0.8783, 1.2329, 0.8491, 0.6928, 0.3227, 1.2536,
-                                   0.9764, 0.8688, 0.8609, 0.2915, 0.5323, 0.978, 0.4175, 0.6732)),
+                      latents_mean=(-0.0027, -0.017, -0.1789, -0.1798, -0.0907, 0.1338, -0.2027, 0.0167,
+                                    -0.0551, -0.0256, 0.0882, -0.0512, 0.101, -0.0243, -0.1081, 0.201),
+                      latents_std=(0.9534, 0.9448, 0.7832, 1.4024, 0.6944, 0.7285, 0.6161, 1.7554,
+                                   1.3401, 0.86, 0.8385, 0.6694, 0.7284, 0.8646, 0.7698, 0.7213)),
         # A word-level sentencepiece vocabulary (98 pieces) plus T5's 100 sentinel ids.
         t5=T5Config(vocab_size=198, dim=128, num_heads=4, head_dim=32, ffn_dim=256, num_layers=2,
                     text_len=32),
-        fps=8, num_frames=17, height=64, width=64, sample_shift=2.0, sample_steps=25, guidance_scale=5.0),
+        fps=8, num_frames=17, height=64, width=64, sample_shift=2.0, sample_steps=25, guidance_scale=5.0,
+        # CFG's unconditional branch is the empty caption the toy pretraining drops 10% of captions to;
+        # Wan's Chinese negative prompt is out of the toy vocabulary (all <unk>) and skews colours.
+        negative_prompt="",
+        # LoRA training on a 128-wide model: Adam's steps of the paper's size (1e-4) move its layers
+        # far less than a 1536-wide Wan's, so the toy takes a larger rate; see the README for both.
+        lora_lr=3e-3, lora_text_mask=0.0),
 }

@@ -4,6 +4,8 @@ No Wan weights can be downloaded here, so the project makes its own base model: 
 as Wan2.1 (model/), a tiny config, trained in the order the real one was built:
   tokenizer  a word-level sentencepiece model over the world's captions (+ the concept tokens)
   vae        the causal Wan-VAE, MSE + a small KL, mostly on single frames and short clips
+  decoder    the decoder alone (encoder frozen) on whole clips, so it draws the motion inside chunks
+  clips      then encoder and decoder together on whole clips, so the temporal chunks keep colours
   latents    cache the DiT's training set once: clips with video captions AND single frames with
              image captions (Wan trains on images as 1-frame videos; stage "set" relies on that);
              held-out colours/shapes/patterns/motions never appear; measures latents_mean/std
@@ -38,9 +40,9 @@ from model.config import PRESETS, WanConfig
 from model.dit import WanDiT
 from model.text_encoder import Tokenizer, UMT5Encoder
 from toy import concepts, world
-from toy.pretrain_vae import Deadline, load_vae, save_atomic, train_vae
+from toy.pretrain_vae import Deadline, encoder_source, load_vae, save_atomic, train_on_clips, train_vae
 
-PARTS = ("tokenizer", "vae", "latents", "dit", "export")
+PARTS = ("tokenizer", "vae", "decoder", "clips", "latents", "dit", "export")
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -90,10 +92,12 @@ def cache_latents(args, cfg: WanConfig, deadline: Deadline) -> None:
     """Render held-in scenes, encode each clip and one single frame of it; store posterior moments."""
     path = os.path.join(args.run_dir, "latents.pt")
     cache = torch.load(path) if os.path.exists(path) else None
+    if cache is not None and cache.get("encoder", "vae.pt") != encoder_source(args):
+        cache = None                          # part "clips" changed the encoder: encode everything again
     if cache is not None and "latents_mean" in cache:
         return
     if cache is None:
-        cache = {"video": [], "image": [], "captions": [], "image_captions": [],
+        cache = {"video": [], "image": [], "captions": [], "image_captions": [], "encoder": encoder_source(args),
                  "generator": torch.Generator().manual_seed(args.seed + 3).get_state()}
     generator = torch.Generator()
     generator.set_state(cache["generator"])
@@ -313,6 +317,8 @@ def main(args) -> None:
             train_tokenizer(args)
         elif part == "vae":
             train_vae(args, PRESETS["toy"], deadline)
+        elif part in ("decoder", "clips"):
+            train_on_clips(args, PRESETS["toy"], deadline, whole=part == "clips")
         elif part == "latents":
             cache_latents(args, PRESETS["toy"], deadline)
         elif part == "dit":
@@ -340,6 +346,10 @@ if __name__ == "__main__":
                         help="AdamW peak learning rate (1e-3 stalls at the frame variance; 1e-4 learns too slowly)")
     parser.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the mean KL next to the mean MSE")
     parser.add_argument("--vae-clips", type=int, default=400, help="rendered clips (whole vocabulary) to crop from")
+    parser.add_argument("--decoder-steps", type=int, default=600, help="decoder-only steps on whole clips")
+    parser.add_argument("--decoder-lr", type=float, default=1e-4, help="AdamW peak learning rate of the decoder part")
+    parser.add_argument("--clip-steps", type=int, default=600, help="whole-VAE steps on whole clips")
+    parser.add_argument("--clip-lr", type=float, default=1e-4, help="AdamW peak learning rate of the clips part")
     # ---- latent cache
     parser.add_argument("--num-clips", type=int, default=1500, help="held-in training clips (each also gives one image)")
     # ---- DiT

@@ -137,7 +137,84 @@ def train_vae(args, cfg: WanConfig, deadline: Deadline) -> None:
     save()
 
 
-def load_vae(args, cfg: WanConfig) -> WanVAE:
+VAE_STAGES = ("vae.pt", "vae_decoder.pt", "vae_clips.pt")   # each fine-tune starts from the one before
+
+
+def train_on_clips(args, cfg: WanConfig, deadline: Deadline, whole: bool) -> None:
+    """Fine-tune on whole 17-frame 64x64 clips: the decoder alone (whole=False), then the whole VAE.
+
+    The main VAE run sees mostly single frames and 32x32 crops; its temporal chunks come out weak:
+    the decoder draws a moving sprite late or not at all inside each 4-frame chunk (the oracle
+    read "still" on a third of the moving sprites of its reconstructions), and the encoder keeps
+    a sprite's position after frame 0 but not its colours. Part "decoder" (encoder frozen, so the
+    cached latents stay valid) fixes the first; part "clips" trains encoder and decoder together
+    (then the latents must be cached again). The loss weighs the pixels that change over the
+    clip (where the motion is) 10x: the flat background is already right.
+    """
+    name, steps, lr = (("vae_clips.pt", args.clip_steps, args.clip_lr) if whole
+                       else ("vae_decoder.pt", args.decoder_steps, args.decoder_lr))
+    path = os.path.join(args.run_dir, name)
+    state = torch.load(path) if os.path.exists(path) else None
+    if state is not None and state["step"] >= steps:
+        return
+    pool = torch.load(os.path.join(args.run_dir, "vae_pool.pt"))["clips"]
     vae = WanVAE(cfg.vae)
-    vae.load_state_dict(torch.load(os.path.join(args.run_dir, "vae.pt"))["vae"])
+    previous = VAE_STAGES[VAE_STAGES.index(name) - 1]
+    vae.load_state_dict(torch.load(os.path.join(args.run_dir, previous))["vae"])
+    vae.requires_grad_(whole)
+    params = list(vae.parameters()) if whole else list(vae.conv2.parameters()) + list(vae.decoder.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    generator = torch.Generator().manual_seed(args.seed + (4 if whole else 3))
+    step = 0
+    if state is not None:
+        vae.load_state_dict(state["vae"])
+        opt.load_state_dict(state["opt"])
+        generator.set_state(state["generator"])
+        step = state["step"]
+
+    def save():
+        save_atomic({"vae": vae.state_dict(), "opt": opt.state_dict(), "generator": generator.get_state(),
+                     "step": step}, path)
+
+    part = "clips" if whole else "decoder"
+    last_save, log = time.time(), tqdm(total=steps, initial=step, desc=part, mininterval=10)
+    while step < steps:
+        if deadline.passed():
+            save()
+            return
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        clips = torch.randint(len(pool), (2,), generator=generator)
+        video = torch.stack([world.to_pixels(pool[c]) for c in clips.tolist()]).transpose(1, 2)  # (2, 3, T, H, W)
+        moving = (video - video.mean(dim=2, keepdim=True)).abs().amax(dim=1, keepdim=True)      # (2, 1, T, H, W)
+        weight = 1 + 9 * (moving > 0.1).float()
+        rec, kl = reconstruct(vae, video, generator)
+        mse = (weight * (rec - video).pow(2)).mean() / weight.mean()
+        opt.zero_grad(set_to_none=True)
+        (mse + args.kl_weight * kl if whole else mse).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        log.update(1)
+        log.set_postfix(mse=f"{mse.item():.4f}", refresh=False)
+        if step % 50 == 0:
+            print(f"{part} step {step} weighted mse {mse.item():.5f}", flush=True)
+        if time.time() - last_save > 60 * args.save_minutes:
+            save()
+            last_save = time.time()
+    save()
+
+
+def encoder_source(args) -> str:
+    """The checkpoint file whose encoder made (or must make) the cached latents: part "decoder" keeps it."""
+    return "vae_clips.pt" if os.path.exists(os.path.join(args.run_dir, "vae_clips.pt")) else "vae.pt"
+
+
+def load_vae(args, cfg: WanConfig) -> WanVAE:
+    """The trained VAE after the last of its parts that has run (vae, decoder, clips)."""
+    vae = WanVAE(cfg.vae)
+    last = [n for n in VAE_STAGES if os.path.exists(os.path.join(args.run_dir, n))][-1]
+    vae.load_state_dict(torch.load(os.path.join(args.run_dir, last))["vae"])
     return vae.eval().requires_grad_(False)
