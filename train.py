@@ -146,7 +146,11 @@ def main(args: argparse.Namespace) -> str:
     text = cache_text(stage_prompts, encode, os.path.join(run_dir, "cache", f"text-{args.stage}.safetensors"),
                       models.model_id)                                                   # (V, S, D)
     prior, prior_text = None, None
-    if args.prior_weight > 0:
+    # Regularization defaults come from the model's config (the paper's for Wan, measured for the toy).
+    prior_weight = cfg.lora_prior_weight if args.prior_weight is None else args.prior_weight
+    drop = {"set": cfg.lora_drop_set, "sequence": cfg.lora_drop_sequence, "single": 0.0}[args.stage]
+    drop = drop if args.drop is None else args.drop
+    if prior_weight > 0:
         negative = cache_text([cfg.negative_prompt], encode, os.path.join(run_dir, "cache", "negative.safetensors"),
                               models.model_id).to(device)
         # Stage set sees the prior as images (1-frame videos), stage sequence as clips, like the concept.
@@ -159,11 +163,11 @@ def main(args: argparse.Namespace) -> str:
     dit = models.dit
     if args.stage == "sequence":
         load_adapter_file(dit, set_path, models.model_id)  # rank/targets come from the file, strictly
-        set_stage(dit, "sequence", p=args.drop)
+        set_stage(dit, "sequence", p=drop)
     else:
         inject(dit, rank=args.rank, alpha=args.alpha, basis_side=args.basis_side)
         # stage single trains the same tensors as stage set: a plain LoRA, no DropConnect by default
-        set_stage(dit, "set", p=args.drop if args.drop is not None or args.stage == "set" else 0.0)
+        set_stage(dit, "set", p=drop)
     dit.train()
     dit.gradient_checkpointing = args.grad_ckpt
     params = trainable_parameters(dit)
@@ -195,7 +199,7 @@ def main(args: argparse.Namespace) -> str:
         if prior is not None:
             pick = torch.randint(len(prior), (args.prior_batch,), generator=data_gen)
             x0, context = torch.cat([x0, prior[pick]]), torch.cat([context, prior_text[pick]])
-            weights = torch.cat([weights, torch.full((args.prior_batch,), args.prior_weight)])
+            weights = torch.cat([weights, torch.full((args.prior_batch,), prior_weight)])
         return x0, context, weights
 
     for _ in range(start):  # replay the data order up to the resumed step (cheap: indexing only)
@@ -257,7 +261,7 @@ def check_flags(args: argparse.Namespace) -> None:
               (args.steps is None or args.steps >= 1, "--steps must be >= 1"),
               (args.drop is None or 0 <= args.drop < 1, "--drop must be in [0, 1)"),
               (args.text_mask is None or 0 <= args.text_mask < 1, "--text-mask must be in [0, 1)"),
-              (args.prior_weight >= 0, "--prior-weight must be >= 0"),
+              (args.prior_weight is None or args.prior_weight >= 0, "--prior-weight must be >= 0"),
               (args.prior_count >= 1 and args.prior_batch >= 1, "--prior-count and --prior-batch must be >= 1"),
               (args.save_every >= 1, "--save-every must be >= 1")]
     for ok, message in checks:
@@ -296,11 +300,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="training noise-level distribution before the shift")
     p.add_argument("--train-shift", type=float, help="timestep shift in training (default: the model's)")
     # regularization (method.md section 3.4)
-    p.add_argument("--drop", type=float, help="DropConnect p on the coefficients (default 0.8 set, 0.5 sequence, "
-                   "0 single)")
+    p.add_argument("--drop", type=float, help="DropConnect p on the coefficients (default: the model's, 0.8 set / "
+                   "0.5 sequence for Wan as in the paper; 0 in stage single)")
     p.add_argument("--text-mask", type=float, help="per-token text masking probability (default: the model's, "
                    "0.1 for Wan as in the paper)")
-    p.add_argument("--prior-weight", type=float, default=1.0, help="loss weight of prior samples (0 = off)")
+    p.add_argument("--prior-weight", type=float, help="loss weight of prior samples, 0 = off (default: the "
+                   "model's, 1.0 for Wan)")
     p.add_argument("--prior-count", type=int, default=4, help="number of base-model prior samples")
     p.add_argument("--prior-batch", type=int, default=2, help="prior samples mixed into each batch")
     # run

@@ -17,6 +17,16 @@ in --run-dir; run it again and it resumes exactly where it stopped (RNG states a
 
   python -m toy.pretrain --part all --minutes 55      # twice, or once with --minutes 120
 
+The shipped toy/checkpoint grew in four resumable invocations (one run folder; wall times on the
+2-core machine, one thread unless noted; 139 minutes in all, over the 2-hour budget by 19):
+  python -m toy.pretrain --part all --vae-steps 5000 --dit-steps 8000     # VAE 40, latents 3, DiT 33 min
+  python -m toy.pretrain --part decoder --decoder-steps 600               # 14 min
+  python -m toy.pretrain --part all --vae-steps 5000 --dit-steps 12000    # DiT 8000 -> 12000: 17 min
+  python -m toy.pretrain --part clips --threads 2 --clip-steps 600        # 13 min
+  python -m toy.pretrain --part all --threads 2 --vae-steps 5000 --dit-steps 15000
+                                       # new encoder: latents again (2.5 min), DiT 12000 -> 15000 (16 min)
+(raising --dit-steps resumes the cosine schedule at the new total's progress: a warm restart).
+
 Shapes: B batch, T video frames, F latent frames, H W height/width, z latent channels, S text tokens.
 """
 import argparse

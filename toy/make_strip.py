@@ -1,0 +1,62 @@
+"""The README's GIF strip: input video | stage set output | stage sequence output | two edits.
+
+    python train.py --stage set && python train.py --stage sequence   # the quick start's adapters
+    python -m toy.make_strip                                          # -> assets/strip_pink_star_zigzag.gif
+
+Samples the concept's motion prompt with the stage-set adapter and with the stage-sequence
+adapter, and the background and composition edits with the stage-sequence adapter, all from the
+same seed, and lays the five clips side by side (64x64 each, 8 fps) into one GIF, scored by the
+oracle on the way (printed) so the picture and the numbers come from the same clips.
+"""
+import argparse
+import os
+
+import torch
+
+import sample
+from data import read_video, write_video
+from toy import oracle, world
+from toy.concepts import CONCEPTS
+
+
+def main(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    concept = CONCEPTS[args.concept]
+    run = args.run_dir or os.path.join("runs", concept.name)
+    adapters = {stage: os.path.join(run, f"{stage}.safetensors") for stage in ("set", "sequence")}
+    for path in adapters.values():
+        if not os.path.exists(path):
+            raise SystemExit(f"make_strip: {path} is missing: run `python train.py --stage set` and "
+                             f"`--stage sequence` for {concept.name} first (or pass --run-dir)")
+    edits = {edit.kind: edit for edit in concept.edits}
+    panels = [("input", None, None, concept.scene), ("set", "set", concept.motion_prompt, concept.scene),
+              ("sequence", "sequence", concept.motion_prompt, concept.scene)]
+    panels += [(f"edit: {kind}", "sequence", edits[kind].prompt, edits[kind].scene)
+               for kind in ("background", "composition")]
+    clips = []
+    for title, stage, prompt, scene in panels:
+        if stage is None:
+            clip = read_video(os.path.join("assets", f"{concept.name}.mp4"), world.FPS, world.FRAME_SIZE,
+                              world.FRAME_SIZE, world.NUM_FRAMES)                          # (T, 3, H, W)
+        else:
+            clip = sample.generate_videos(args.model, [adapters[stage]], [prompt], args.seed)[0].transpose(0, 1)
+        result = oracle.score(clip, scene)
+        print(f"{title:22s} identity {result['identity_score']:.3f}  motion {result['motion_score']:.3f}  "
+              f"background {result['background']}  {prompt or ''}")
+        clips.append(clip)
+    gap = torch.ones(world.NUM_FRAMES, 3, world.FRAME_SIZE, 2)                           # white separators
+    strip = torch.cat([piece for clip in clips for piece in (clip, gap)][:-1], dim=3)    # (T, 3, H, 5W + 8)
+    out = args.out or os.path.join("assets", f"strip_{concept.name}.gif")
+    write_video(out, strip, fps=world.FPS)
+    print(f"wrote {out}: " + " | ".join(title for title, *_ in panels))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concept", default=next(iter(CONCEPTS)), choices=list(CONCEPTS))
+    parser.add_argument("--run-dir", help="folder with set.safetensors and sequence.safetensors (default runs/<concept>)")
+    parser.add_argument("--model", default=sample.DEFAULT_MODEL)
+    parser.add_argument("--seed", type=int, default=0, help="noise seed of every sampled panel")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", help="output .gif (default assets/strip_<concept>.gif)")
+    main(parser.parse_args())
