@@ -81,3 +81,12 @@ def test_vae_ceiling_rows_score_the_true_clips_through_the_vae():
     metrics = evaluation.metrics_of([{**r, "concepts": ["c"]} for r in rows])
     assert metrics["mse"] < 0.03 and metrics["edit_background"] == 1.0   # a reconstruction, not noise
     assert metrics["id"] > 0.3                                         # frame 0 comes back crisp
+
+
+def test_per_concept_table_reads_the_true_renders_as_perfect():
+    concept = next(iter(CONCEPTS))
+    rows = rows_for(evaluation.prompts_of(evaluation.Job("x", (concept,), 0, (), ())), render=True)
+    results = [{"rows": [{**r, "concepts": [concept], "variant": "ours", "seed": s} for r in rows]} for s in (0, 1)]
+    line = evaluation.per_concept_table(results, "ours").splitlines()[-1]
+    motion = CONCEPTS[concept].sprite.motion
+    assert line.startswith(f"| {concept} | 0.0000 | 1.000 |") and f"{motion}, {motion}" in line and "100%" in line

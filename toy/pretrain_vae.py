@@ -35,6 +35,21 @@ class Deadline:
 
 
 
+def restore(state: dict | None, vae: WanVAE, opt: torch.optim.Optimizer, generator: torch.Generator) -> int:
+    """Load a part's saved state into the VAE, optimizer and generator; the step to resume at (0 if fresh)."""
+    if state is None:
+        return 0
+    vae.load_state_dict(state["vae"])
+    opt.load_state_dict(state["opt"])
+    generator.set_state(state["generator"])
+    return state["step"]
+
+
+def save_part(path: str, vae: WanVAE, opt: torch.optim.Optimizer, generator: torch.Generator, step: int) -> None:
+    save_atomic({"vae": vae.state_dict(), "opt": opt.state_dict(), "generator": generator.get_state(),
+                 "step": step}, path)
+
+
 def render_pool(count: int, split: str, seed: int) -> torch.Tensor:
     """(N, T, H, W, 3) uint8 clips of random scenes."""
     generator = torch.Generator().manual_seed(seed)
@@ -97,16 +112,10 @@ def train_vae(args, cfg: WanConfig, deadline: Deadline) -> None:
         vae.conv1.bias[cfg.vae.z_dim:] = -6.0
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed + 2)
-    step = 0
-    if state is not None:
-        vae.load_state_dict(state["vae"])
-        opt.load_state_dict(state["opt"])
-        generator.set_state(state["generator"])
-        step = state["step"]
+    step = restore(state, vae, opt, generator)
 
     def save():
-        save_atomic({"vae": vae.state_dict(), "opt": opt.state_dict(), "generator": generator.get_state(),
-                     "step": step}, path)
+        save_part(path, vae, opt, generator, step)
 
     last_save, log = time.time(), tqdm(total=args.vae_steps, initial=step, desc="vae", mininterval=10)
     while step < args.vae_steps:
@@ -167,16 +176,10 @@ def train_on_clips(args, cfg: WanConfig, deadline: Deadline, whole: bool) -> Non
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed + (4 if whole else 3))
-    step = 0
-    if state is not None:
-        vae.load_state_dict(state["vae"])
-        opt.load_state_dict(state["opt"])
-        generator.set_state(state["generator"])
-        step = state["step"]
+    step = restore(state, vae, opt, generator)
 
     def save():
-        save_atomic({"vae": vae.state_dict(), "opt": opt.state_dict(), "generator": generator.get_state(),
-                     "step": step}, path)
+        save_part(path, vae, opt, generator, step)
 
     part = "clips" if whole else "decoder"
     last_save, log = time.time(), tqdm(total=steps, initial=step, desc=part, mininterval=10)
