@@ -1,6 +1,6 @@
 """Measure Set-and-Sequence against its ablations on the toy world, with the world's oracle.
 
-    python eval.py               # 3 concepts x 8 variants x 2 seeds + composition, about 45 min on 2 cores
+    python eval.py               # 3 concepts x 10 rows x 2 seeds + composition: 56 runs, 47 min on 2 cores
     python eval.py --seeds 1     # a quick look (about half the time)
 
 The paper's claim (method.md): two stages, set then sequence, keep identity and motion while
