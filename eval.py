@@ -41,6 +41,12 @@ from multiprocessing import get_context
 import torch
 from tqdm import tqdm
 
+import sample
+import train
+from model.loader import load_wan
+from toy import oracle, world
+from toy.concepts import CONCEPTS
+
 README = "README.md"
 BEGIN, END = "<!-- eval:begin -->", "<!-- eval:end -->"
 NO_REG = ("--drop", "0", "--text-mask", "0", "--prior-weight", "0")
@@ -93,14 +99,12 @@ def make_jobs(concept_names: list[str], variants: list[str], seeds: int, composi
             jobs.append(Job(f"composition/{'+'.join(pair)}/seed{seed}", pair, seed, VARIANTS["ours"][1],
                             (("ours", "sequence.safetensors"),)))
     # the longest jobs first, so the workers finish together
-    return sorted(jobs, key=lambda j: -sum(1500 if s == "single" else 900 if s == "sequence" else 600
-                                           for s, _ in j.stages) * len(j.concepts))
+    return sorted(jobs, key=lambda j: -sum(train.DEFAULT_STEPS[s] for s, _ in j.stages) * len(j.concepts))
 
 
 # ---------------------------------------------------------------------------- the prompts and their scenes
 
 def composition_pair() -> tuple[str, str]:
-    from toy.concepts import CONCEPTS
     names = list(CONCEPTS)
     return names[1], names[2]   # teal checkered square (blick, toma) and purple star (zorp, fep)
 
@@ -108,8 +112,6 @@ def composition_pair() -> tuple[str, str]:
 def composition_scene(pair: tuple[str, ...]):
     """The two concepts in one clean scene, both small (two large moving sprites cannot share a 64x64
     frame without touching), on the first concept's own background, anchors from a fixed grid."""
-    from toy import world
-    from toy.concepts import CONCEPTS
     first, second = (replace(CONCEPTS[name].sprite, size="small") for name in pair)
     background = CONCEPTS[pair[0]].scene.background
     grid = [i / 40 for i in range(4, 37)]
@@ -123,9 +125,7 @@ def composition_scene(pair: tuple[str, ...]):
 
 
 def composition_prompt(pair: tuple[str, ...], scene) -> str:
-    """'a large dax moving in wug motion and a small purple zorp moving in fep motion on a blue background'."""
-    from toy import world
-    from toy.concepts import CONCEPTS
+    """'a small blick square moving in toma motion and a small purple zorp moving in fep motion on a black background'."""
     parts = [f"{world.subject(sprite, CONCEPTS[name].identity_token)} moving in {CONCEPTS[name].motion_token} motion"
              for name, sprite in zip(pair, scene.sprites)]
     return f"{' and '.join(parts)} on a {scene.background} background"
@@ -133,7 +133,6 @@ def composition_prompt(pair: tuple[str, ...], scene) -> str:
 
 def prompts_of(job: Job) -> list[tuple[str, str, object]]:
     """(kind, prompt, scene) to sample: the motion prompt and the three edits, or the composition prompt."""
-    from toy.concepts import CONCEPTS
     if len(job.concepts) == 2:
         scene = composition_scene(job.concepts)
         return [("composition", composition_prompt(job.concepts, scene), scene)]
@@ -145,7 +144,6 @@ def prompts_of(job: Job) -> list[tuple[str, str, object]]:
 # ---------------------------------------------------------------------------- one job (in a worker process)
 
 def concept_flags(name: str) -> list[str]:
-    from toy.concepts import CONCEPTS
     concept = CONCEPTS[name]
     return ["--video", os.path.join("assets", f"{name}.mp4"), "--prompt", concept.static_prompt,
             "--motion-prompt", concept.motion_prompt, "--id-token", concept.identity_token,
@@ -159,9 +157,6 @@ def sample_and_score(model_dir: str, adapter: str | None, prompts: list[tuple[st
 
     adapter "<vae>": no sampling; each prompt's true clip (the renderer's) through the VAE instead.
     """
-    import sample
-    from model.loader import load_wan
-    from toy import oracle, world
     if adapter == "<vae>":
         vae = load_wan(model_dir, parts=("vae",)).vae
         truth = torch.stack([world.to_pixels(world.render(scene)) for _, _, scene in prompts])  # (B, T, 3, H, W)
@@ -188,7 +183,6 @@ def run_job(job: Job, out_dir: str, model: str, sample_steps: int | None) -> dic
         with open(result_path) as f:
             return {**json.load(f), "cached": True}
     torch.set_num_threads(1)
-    import train
     os.makedirs(folder, exist_ok=True)
     start = time.time()
     with open(os.path.join(folder, "log.txt"), "w") as log, redirect_stdout(log), redirect_stderr(log):
@@ -339,7 +333,6 @@ def write_readme(section: str) -> None:
 # ---------------------------------------------------------------------------- main
 
 def main(args: argparse.Namespace) -> None:
-    from toy.concepts import CONCEPTS
     concepts = args.concept or list(CONCEPTS)
     unknown = [c for c in concepts if c not in CONCEPTS] + [v for v in args.variant or [] if v not in VARIANTS]
     if unknown:

@@ -63,6 +63,12 @@ def generate_latents(dit, context: torch.Tensor, negative: torch.Tensor | None, 
     return run(velocity, noise, sigmas, progress=progress)
 
 
+def latent_shape(cfg, batch: int, frames: int, height: int, width: int) -> tuple[int, ...]:
+    """(B, C, F, H, W) of the latents of `frames` (4k+1) x height x width video: the VAE's strides, F = k + 1."""
+    return (batch, cfg.vae.z_dim, (frames - 1) // cfg.vae.temporal_factor + 1,
+            height // cfg.vae.spatial_factor, width // cfg.vae.spatial_factor)
+
+
 @torch.no_grad()
 def generate_videos(model: str, adapters: list[str], prompts: list[str], seed: int, steps: int | None = None,
                     s_id: float = 1.0, s_mot: float = 1.0) -> torch.Tensor:
@@ -76,8 +82,7 @@ def generate_videos(model: str, adapters: list[str], prompts: list[str], seed: i
     apply_adapters(models.dit, adapters, models.model_id, s_id, s_mot)
     states = encode_prompts(models.tokenizer, models.text_encoder, prompts + [cfg.negative_prompt], "cpu")
     context, negative = states[:-1], states[-1:].expand(len(prompts), -1, -1)
-    shape = (len(prompts), cfg.vae.z_dim, (cfg.num_frames - 1) // cfg.vae.temporal_factor + 1,
-             cfg.height // cfg.vae.spatial_factor, cfg.width // cfg.vae.spatial_factor)
+    shape = latent_shape(cfg, len(prompts), cfg.num_frames, cfg.height, cfg.width)
     latents = generate_latents(models.dit, context, negative, shape, "unipc", steps or cfg.sample_steps,
                                cfg.sample_shift, cfg.guidance_scale, torch.Generator().manual_seed(seed),
                                progress=False)
@@ -147,9 +152,7 @@ def main(args: argparse.Namespace) -> str:
     context, negative = states[:1], (states[1:] if guidance > 1 else None)
     models.text_encoder = None
 
-    # Latent shape: the VAE's strides, T = 4k+1 frames -> k+1 latent frames.
-    shape = (1, cfg.vae.z_dim, (frames - 1) // cfg.vae.temporal_factor + 1,
-             height // cfg.vae.spatial_factor, width // cfg.vae.spatial_factor)
+    shape = latent_shape(cfg, 1, frames, height, width)
     generator = torch.Generator().manual_seed(args.seed)
     latents = generate_latents(models.dit, context, negative, shape, args.sampler, steps, shift,
                                guidance, generator)

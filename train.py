@@ -26,7 +26,7 @@ from tqdm import tqdm
 from data import VideoError, VideoLatents, cache_latents, cache_tensor, cache_text, check_video_size
 from data import sequence_batches, set_batches
 from lora.export import export_lora
-from lora.lora import adapter_state_dict, inject, load_adapter, save_adapter, set_stage, trainable_parameters
+from lora.lora import adapter_state_dict, inject, save_adapter, set_stage, trainable_parameters
 from model.flow import add_noise, flow_loss, sample_train_sigmas, velocity_target
 from model.loader import load_wan
 from model.text_encoder import encode_prompts
@@ -38,6 +38,9 @@ GENERIC_PROMPTS = ["A man in a blue t-shirt. He is walking in a park.",
                    "A woman in a red dress dancing in a living room.",
                    "A dog running on a beach at sunset.",
                    "A child riding a bicycle on a quiet street."]
+
+# Steps per stage (method.md: the paper's 600 and 900; stage single gets their sum, same total work).
+DEFAULT_STEPS = {"set": 600, "sequence": 900, "single": 1500}
 
 
 @dataclass
@@ -206,7 +209,7 @@ def main(args: argparse.Namespace) -> str:
         next_batch()
 
     # ---- 4. The loop.
-    steps = args.steps or {"set": 600, "sequence": 900, "single": 1500}[args.stage]
+    steps = args.steps or DEFAULT_STEPS[args.stage]
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"stage {args.stage}")
     for step in bar:
         x0, context, weights = next_batch()            # (B', C, F, H, W), (B', S, D), (B',)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from model import flow
 from model.loader import WanModels, load_wan
 from model.text_encoder import encode_prompts
+from sample import latent_shape
 from toy import oracle, world
 
 METRICS = ("background_ok", "colour_ok", "motion_ok", "shape_ok", "pattern_ok", "identity_score", "motion_score")
@@ -55,9 +56,7 @@ def generate(models: WanModels, prompts: list[str], noise: torch.Tensor, steps: 
 def initial_noise(models: WanModels, count: int, num_frames: int, generator: torch.Generator) -> torch.Tensor:
     """(count, z, F, H/8, W/8) standard normal, drawn on the CPU so a seed means the same video anywhere."""
     cfg = models.cfg
-    frames = 1 + (num_frames - 1) // cfg.vae.temporal_factor
-    size = (cfg.height // cfg.vae.spatial_factor, cfg.width // cfg.vae.spatial_factor)
-    return torch.randn((count, cfg.vae.z_dim, frames, *size), generator=generator)
+    return torch.randn(latent_shape(cfg, count, num_frames, cfg.height, cfg.width), generator=generator)
 
 
 def main(args) -> None:
