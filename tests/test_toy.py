@@ -14,7 +14,7 @@ from model.config import PRESETS
 from model.dit import WanDiT
 from model.loader import load_wan
 from toy import concepts, world
-from toy.evaluate import generate, initial_noise
+from toy.evaluate import breakdown, generate, initial_noise
 
 CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toy", "checkpoint")
 TOY = PRESETS["toy"]
@@ -120,3 +120,20 @@ def test_toy_dit_forward_is_fast():
     torch.set_num_threads(threads)
     assert out.shape == x.shape
     assert min(seconds) < 0.5, f"{min(seconds):.2f} s"   # measured 0.01-0.03 s on the 2-core CPU
+
+
+def test_breakdown_counts_per_sprite(capsys):
+    """toy.evaluate --breakdown: colour right per pattern and the motion labels read instead, per sprite."""
+    red = world.Sprite("circle", "red", size="small", motion="up", x=0.25, y=0.5)
+    striped = world.Sprite("square", "blue", size="small", motion="down",
+                           pattern="striped", colour2="yellow", x=0.75, y=0.5)
+    scenes = [world.Scene((red, striped)), world.Scene((red,))]
+    rows = [{"sprites": [{"colour_ok": True, "motion_ok": False, "motion": "still"},
+                         {"colour_ok": False, "motion_ok": False, "motion": "still"}]},
+            {"sprites": [{"colour_ok": False, "motion_ok": True, "motion": "up"}]}]
+    breakdown("model", scenes, rows)
+    out = capsys.readouterr().out
+    assert "model: 3 sprites" in out
+    assert "colour right, plain: 1 of 2" in out and "colour right, striped: 0 of 1" in out
+    assert "motion wrong: 2; read instead: still 2" in out
+    assert "up -> still 1" in out and "down -> still 1" in out

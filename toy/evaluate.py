@@ -12,12 +12,13 @@ decoded by the VAE, and scored by toy/oracle.py against the scene the caption ca
 plus shape and pattern rates, the oracle's identity/motion scores, and the same numbers for the
 VAE's reconstruction of the true clip (the ceiling the DiT can reach through this VAE).
 
-  python -m toy.evaluate --count 100
+  python -m toy.evaluate --count 100 --reconstruction --breakdown
 
 Shapes: B batch, z latent channels, F H W latent frames/height/width, T video frames.
 """
 import argparse
 import time
+from collections import Counter
 
 import torch
 from tqdm import tqdm
@@ -96,6 +97,23 @@ def main(args) -> None:
         values = [sum(float(r[key]) for r in table) / len(table) for _, table in columns]
         target = f">= {TARGETS[key]:.0%}" if key in TARGETS else ""
         print(f"| {key} | {' | '.join(f'{v:.1%}' if key.endswith('_ok') else f'{v:.3f}' for v in values)} | {target} |")
+    if args.breakdown:
+        for name, table in columns:
+            breakdown(name, scenes, table)
+
+
+def breakdown(name: str, scenes: list[world.Scene], rows: list[dict]) -> None:
+    """Per sprite: colour right by pattern, and the motion labels read instead of the asked ones."""
+    pairs = [(sprite, found) for scene, row in zip(scenes, rows) for sprite, found in zip(scene.sprites, row["sprites"])]
+    print(f"\n{name}: {len(pairs)} sprites")
+    for pattern in sorted({sprite.pattern for sprite, _ in pairs}):
+        of = [found["colour_ok"] for sprite, found in pairs if sprite.pattern == pattern]
+        print(f"  colour right, {pattern}: {sum(of)} of {len(of)}")
+    wrong = Counter((sprite.motion, found["motion"]) for sprite, found in pairs if not found["motion_ok"])
+    read = Counter(label for (_, label), count in wrong.items() for _ in range(count))
+    print(f"  motion wrong: {sum(wrong.values())}; read instead: "
+          + ", ".join(f"{label} {count}" for label, count in read.most_common()))
+    print("  asked -> read (most common): " + ", ".join(f"{a} -> {b} {n}" for (a, b), n in wrong.most_common(6)))
 
 
 if __name__ == "__main__":
@@ -114,4 +132,6 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=25, help="videos sampled at once")
     parser.add_argument("--reconstruction", action="store_true",
                         help="also score the VAE reconstructions of the true clips (the DiT's ceiling)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="per sprite: colour right by pattern, and which motion labels were read instead")
     main(parser.parse_args())
