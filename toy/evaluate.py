@@ -104,13 +104,14 @@ def main(args) -> None:
 
 def breakdown(name: str, scenes: list[world.Scene], rows: list[dict]) -> None:
     """Per sprite: colour right by pattern, and the motion labels read instead of the asked ones."""
-    pairs = [(sprite, found) for scene, row in zip(scenes, rows) for sprite, found in zip(scene.sprites, row["sprites"])]
+    pairs = [(sprite, found) for scene, row in zip(scenes, rows)
+             for sprite, found in zip(scene.sprites, row["sprites"])]
     print(f"\n{name}: {len(pairs)} sprites")
     for pattern in sorted({sprite.pattern for sprite, _ in pairs}):
         of = [found["colour_ok"] for sprite, found in pairs if sprite.pattern == pattern]
         print(f"  colour right, {pattern}: {sum(of)} of {len(of)}")
     wrong = Counter((sprite.motion, found["motion"]) for sprite, found in pairs if not found["motion_ok"])
-    read = Counter(label for (_, label), count in wrong.items() for _ in range(count))
+    read = Counter(found["motion"] for _, found in pairs if not found["motion_ok"])
     print(f"  motion wrong: {sum(wrong.values())}; read instead: "
           + ", ".join(f"{label} {count}" for label, count in read.most_common()))
     print("  asked -> read (most common): " + ", ".join(f"{a} -> {b} {n}" for (a, b), n in wrong.most_common(6)))
