@@ -38,7 +38,6 @@ import io
 import math
 import os
 import shutil
-import time
 from dataclasses import replace
 
 # OpenMP threads that spin while waiting for each other crawl when the cores are shared with other
@@ -54,7 +53,7 @@ from model.config import PRESETS, WanConfig
 from model.dit import WanDiT
 from model.text_encoder import Tokenizer, UMT5Encoder
 from toy import concepts, world
-from toy.pretrain_vae import Deadline, encoder_source, load_vae, save_atomic, train_on_clips, train_vae
+from toy.pretrain_vae import Deadline, Every, encoder_source, load_vae, save_atomic, train_on_clips, train_vae
 
 PARTS = ("tokenizer", "vae", "decoder", "clips", "latents", "dit", "export")
 
@@ -240,7 +239,7 @@ def train_dit(args, deadline: Deadline) -> None:
         return posterior_sample(moments[rows], cfg, generator), b_ids, b_mask
 
     bins = torch.zeros(2, 5)     # (sum, count) of the video loss per sigma fifth, as minRF logs it
-    last_save, log = time.time(), tqdm(total=args.dit_steps, initial=step, desc="dit", mininterval=10)
+    autosave, log = Every(args.save_minutes), tqdm(total=args.dit_steps, initial=step, desc="dit", mininterval=10)
     while step < args.dit_steps:
         if deadline.passed():
             save()
@@ -273,9 +272,8 @@ def train_dit(args, deadline: Deadline) -> None:
             print(f"dit step {step} lr {lr:.2e} grad norm {grad_norm:.2f} video loss per sigma fifth [{per_bin}]",
                   flush=True)
             bins.zero_()
-        if time.time() - last_save > 60 * args.save_minutes:
+        if autosave.due():
             save()
-            last_save = time.time()
     save()
 
 

@@ -34,6 +34,19 @@ class Deadline:
         return time.time() > self.end
 
 
+class Every:
+    """True once per `minutes` of wall time: when a training loop checkpoints (--save-minutes)."""
+
+    def __init__(self, minutes: float):
+        self.period, self.last = 60 * minutes, time.time()
+
+    def due(self) -> bool:
+        if time.time() - self.last <= self.period:
+            return False
+        self.last = time.time()
+        return True
+
+
 
 def restore(state: dict | None, vae: WanVAE, opt: torch.optim.Optimizer, generator: torch.Generator) -> int:
     """Load a part's saved state into the VAE, optimizer and generator; the step to resume at (0 if fresh)."""
@@ -117,7 +130,7 @@ def train_vae(args, cfg: WanConfig, deadline: Deadline) -> None:
     def save():
         save_part(path, vae, opt, generator, step)
 
-    last_save, log = time.time(), tqdm(total=args.vae_steps, initial=step, desc="vae", mininterval=10)
+    autosave, log = Every(args.save_minutes), tqdm(total=args.vae_steps, initial=step, desc="vae", mininterval=10)
     while step < args.vae_steps:
         if deadline.passed():
             save()
@@ -140,9 +153,8 @@ def train_vae(args, cfg: WanConfig, deadline: Deadline) -> None:
         log.set_postfix(mse=f"{mse.item():.4f}", kl=f"{kl.item():.1f}", T=video.shape[2], refresh=False)
         if step % 50 == 0:
             print(f"vae step {step} mse {mse.item():.5f} kl {kl.item():.2f} T {video.shape[2]}", flush=True)
-        if time.time() - last_save > 60 * args.save_minutes:
+        if autosave.due():
             save()
-            last_save = time.time()
     save()
 
 
@@ -182,7 +194,7 @@ def train_on_clips(args, cfg: WanConfig, deadline: Deadline, whole: bool) -> Non
         save_part(path, vae, opt, generator, step)
 
     part = "clips" if whole else "decoder"
-    last_save, log = time.time(), tqdm(total=steps, initial=step, desc=part, mininterval=10)
+    autosave, log = Every(args.save_minutes), tqdm(total=steps, initial=step, desc=part, mininterval=10)
     while step < steps:
         if deadline.passed():
             save()
@@ -204,9 +216,8 @@ def train_on_clips(args, cfg: WanConfig, deadline: Deadline, whole: bool) -> Non
         log.set_postfix(mse=f"{mse.item():.4f}", refresh=False)
         if step % 50 == 0:
             print(f"{part} step {step} weighted mse {mse.item():.5f}", flush=True)
-        if time.time() - last_save > 60 * args.save_minutes:
+        if autosave.due():
             save()
-            last_save = time.time()
     save()
 
 
