@@ -143,12 +143,12 @@ PRESETS: dict[str, WanConfig] = {
         dit=DiTConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=4, in_dim=16, out_dim=16,
                       text_dim=128, text_len=32),
         # The real strides (8x spatial, 4x temporal) at 1/6 of Wan's width; latent stats measured by
-        # `python -m toy.pretrain --part latents` over the DiT's 1500 training clips + 1500 frames.
+        # `python -m toy.pretrain --part latents` over the DiT's 3000 training clips + 3000 frames.
         vae=VAEConfig(base_dim=16, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1,
-                      latents_mean=(-0.0027, -0.017, -0.1789, -0.1798, -0.0907, 0.1338, -0.2027, 0.0167,
-                                    -0.0551, -0.0256, 0.0882, -0.0512, 0.101, -0.0243, -0.1081, 0.201),
-                      latents_std=(0.9534, 0.9448, 0.7832, 1.4024, 0.6944, 0.7285, 0.6161, 1.7554,
-                                   1.3401, 0.86, 0.8385, 0.6694, 0.7284, 0.8646, 0.7698, 0.7213)),
+                      latents_mean=(-0.1541, -0.4025, -0.0636, 0.1964, -0.0009, 0.2284, -0.0119, -0.4159, 0.2518, 0.0705,
+                                    0.1397, -0.151, 0.3944, 0.1075, -0.132, -0.1374),
+                      latents_std=(0.9588, 1.4661, 0.6892, 1.2884, 0.7839, 0.5684, 0.4622, 1.2723, 0.7377, 1.3239,
+                                   0.8058, 0.3149, 1.8043, 0.7947, 1.3522, 1.0665)),
         # A word-level sentencepiece vocabulary (98 pieces) plus T5's 100 sentinel ids.
         t5=T5Config(vocab_size=198, dim=128, num_heads=4, head_dim=32, ffn_dim=256, num_layers=2,
                     text_len=32),

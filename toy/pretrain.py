@@ -14,22 +14,17 @@ as Wan2.1 (model/), a tiny config, trained in the order the real one was built:
   export     a diffusers-format folder (toy/checkpoint/) via model/save.save_diffusers
 Each invocation runs the named parts (or all) for at most --minutes, checkpointing atomically
 in --run-dir; run it again and it resumes exactly where it stopped (RNG states are saved too).
+The defaults are the recipe of the shipped toy/checkpoint. It ran as one invocation:
 
-  python -m toy.pretrain --part all --minutes 55      # twice, or once with --minutes 120
+  OMP_WAIT_POLICY=ACTIVE python -m toy.pretrain --threads 2 --minutes 120
 
-The shipped toy/checkpoint grew in four resumable invocations (one run folder; wall times on the
-2-core machine, one thread unless noted; 139 minutes in all, over the 2-hour budget by 19):
-  python -m toy.pretrain --part all --vae-steps 5000 --dit-steps 8000     # VAE 40, latents 3, DiT 33 min
-  python -m toy.pretrain --part decoder --decoder-steps 600               # 14 min
-  python -m toy.pretrain --part all --vae-steps 5000 --dit-steps 12000    # DiT 8000 -> 12000: 17 min
-  python -m toy.pretrain --part clips --threads 2 --clip-steps 600        # 13 min
-  python -m toy.pretrain --part all --threads 2 --vae-steps 5000 --dit-steps 15000
-                                       # new encoder: latents again (2.5 min), DiT 12000 -> 15000 (16 min)
-(raising --dit-steps resumes the cosine schedule at the new total's progress: a warm restart).
-On an otherwise idle machine two threads pay if OpenMP's threads spin while they wait (the default
-here is PASSIVE, which keeps a shared machine usable): `OMP_WAIT_POLICY=ACTIVE ... --threads 2` ran
-the DiT part at 5.2 steps/s instead of 3.6 with one thread. README ("The toy model") lists what
-else was tried and measured.
+96 minutes on the idle 2-core machine: tokenizer and clip pool 0.1, VAE 5000 steps 24.7, decoder
+600 steps 9.7, clips 600 steps 12.0, latents of 3000 clips + 3000 frames 2.6, DiT 15000 steps 47.2.
+`--minutes 55`, repeated until it prints "done", gives the same parts in chunks of under an hour.
+Two threads pay only if OpenMP's threads spin while they wait (OMP_WAIT_POLICY=ACTIVE; the default
+here is PASSIVE, which keeps a shared machine usable but then runs no faster than one thread); with
+one thread the recipe takes longer than the 2-hour budget (measured earlier: the VAE part 40 min,
+the DiT 3.6 instead of 5.3 steps/s). README ("The toy model") lists what else was tried.
 
 Shapes: B batch, T video frames, F latent frames, H W height/width, z latent channels, S text tokens.
 """
@@ -352,7 +347,7 @@ if __name__ == "__main__":
                         help="torch CPU threads (1: on a shared 2-core machine, 2 threads spin-wait and run 5x slower)")
     parser.add_argument("--save-minutes", type=float, default=5, help="checkpoint at least this often")
     # ---- VAE
-    parser.add_argument("--vae-steps", type=int, default=1600, help="VAE optimizer steps")
+    parser.add_argument("--vae-steps", type=int, default=5000, help="VAE optimizer steps")
     parser.add_argument("--vae-batch", type=int, default=16, help="single frames per step (clips: a quarter)")
     parser.add_argument("--vae-crop", type=int, default=32, help="random crop size for the first 95%% of steps")
     parser.add_argument("--vae-lr", type=float, default=3e-4,
@@ -364,9 +359,9 @@ if __name__ == "__main__":
     parser.add_argument("--clip-steps", type=int, default=600, help="whole-VAE steps on whole clips")
     parser.add_argument("--clip-lr", type=float, default=1e-4, help="AdamW peak learning rate of the clips part")
     # ---- latent cache
-    parser.add_argument("--num-clips", type=int, default=1500, help="held-in training clips (each also gives one image)")
+    parser.add_argument("--num-clips", type=int, default=3000, help="held-in training clips (each also gives one image)")
     # ---- DiT
-    parser.add_argument("--dit-steps", type=int, default=4000, help="DiT optimizer steps")
+    parser.add_argument("--dit-steps", type=int, default=15000, help="DiT optimizer steps")
     parser.add_argument("--dit-batch", type=int, default=16, help="clips per step, plus as many single frames")
     parser.add_argument("--dit-lr", type=float, default=5e-4, help="AdamW peak learning rate (DiT and umT5)")
     parser.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions, for CFG")
