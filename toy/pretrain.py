@@ -1,4 +1,4 @@
-"""Pretrain the toy Wan (PRESETS["toy"]) on the sprite world, from nothing, in about two CPU hours.
+"""Pretrain the toy Wan (PRESETS["toy"]) on the sprite world, from nothing, in 96 minutes on a 2-core CPU.
 
 No Wan weights can be downloaded here, so the project makes its own base model: the SAME modules
 as Wan2.1 (model/), a tiny config, trained in the order the real one was built:
