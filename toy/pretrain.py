@@ -20,7 +20,8 @@ The defaults are the recipe of the shipped toy/checkpoint. It ran as one invocat
 
 96 minutes on the idle 2-core machine: tokenizer and clip pool 0.1, VAE 5000 steps 24.7, decoder
 600 steps 9.7, clips 600 steps 12.0, latents of 3000 clips + 3000 frames 2.6, DiT 15000 steps 47.2.
-`--minutes 55`, repeated until it prints "done", gives the same parts in chunks of under an hour.
+The same command with `--minutes 55`, repeated until it prints "done", runs it in chunks of under
+an hour.
 Two threads pay only if OpenMP's threads spin while they wait (OMP_WAIT_POLICY=ACTIVE; the default
 here is PASSIVE, which keeps a shared machine usable but then runs no faster than one thread); with
 one thread the recipe takes longer than the 2-hour budget (measured earlier: the VAE part 40 min,
@@ -359,7 +360,8 @@ if __name__ == "__main__":
     parser.add_argument("--clip-steps", type=int, default=600, help="whole-VAE steps on whole clips")
     parser.add_argument("--clip-lr", type=float, default=1e-4, help="AdamW peak learning rate of the clips part")
     # ---- latent cache
-    parser.add_argument("--num-clips", type=int, default=3000, help="held-in training clips (each also gives one image)")
+    parser.add_argument("--num-clips", type=int, default=3000,
+                        help="held-in training clips (each also gives one image)")
     # ---- DiT
     parser.add_argument("--dit-steps", type=int, default=15000, help="DiT optimizer steps")
     parser.add_argument("--dit-batch", type=int, default=16, help="clips per step, plus as many single frames")

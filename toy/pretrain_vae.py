@@ -47,7 +47,6 @@ class Every:
         return True
 
 
-
 def restore(state: dict | None, vae: WanVAE, opt: torch.optim.Optimizer, generator: torch.Generator) -> int:
     """Load a part's saved state into the VAE, optimizer and generator; the step to resume at (0 if fresh)."""
     if state is None:
