@@ -14,7 +14,7 @@ from model.config import PRESETS
 from model.dit import WanDiT
 from model.loader import load_wan
 from toy import concepts, world
-from toy.evaluate import breakdown, generate, initial_noise
+from toy.evaluate import breakdown, generate, initial_noise, swap_word, word_probe
 
 CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toy", "checkpoint")
 TOY = PRESETS["toy"]
@@ -137,3 +137,24 @@ def test_breakdown_counts_per_sprite(capsys):
     assert "colour right, plain: 1 of 2" in out and "colour right, striped: 0 of 1" in out
     assert "motion wrong: 2; read instead: still 2" in out
     assert "up -> still 1" in out and "down -> still 1" in out
+
+
+def test_word_probe_swaps_one_word_of_the_first_sprite(models):
+    """toy.evaluate --word-probe: the swapped captions change exactly the first sprite's motion phrase
+    or fill colour (to another held-in one), and the DiT's velocity responds to the colour word."""
+    red = world.Sprite("circle", "red", size="small", motion="up", x=0.25, y=0.5)
+    blue = world.Sprite("square", "blue", size="small", motion="up", x=0.75, y=0.5)
+    scene = world.Scene((red, blue), "white")
+    generator = torch.Generator().manual_seed(0)
+    true = world.caption(scene)
+    for _ in range(5):
+        motion, colour = swap_word(scene, "motion", generator), swap_word(scene, "colour", generator)
+        head, tail = true.split(" and ")
+        assert motion.endswith(" and " + tail) and motion != true
+        phrases = [world.MOTIONS[m] for m in world.vocabulary("motion") if m != "up"]
+        assert motion.split(" and ")[0] in [f"a small red circle {p}" for p in phrases]
+        assert colour.endswith(" and " + tail) and colour.split()[2] not in ("red", "blue", "white", "pink", "teal")
+        assert colour.split(" and ")[0].split()[3:] == head.split()[3:]
+    change = word_probe(models, [scene, world.Scene((red,), "black")], (1.0, 0.5), generator)
+    assert set(change) == {"motion", "colour"} and all(len(v) == 2 for v in change.values())
+    assert all(0 < v < float("inf") for v in change["colour"]), change

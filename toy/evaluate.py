@@ -11,8 +11,11 @@ decoded by the VAE, and scored by toy/oracle.py against the scene the caption ca
   motion      every sprite's track is nearest its named motion    (target >= 70%)
 plus shape and pattern rates, the oracle's identity/motion scores, and the same numbers for the
 VAE's reconstruction of the true clip (the ceiling the DiT can reach through this VAE).
+--word-probe asks whether the DiT reads a caption word at all: the true clips noised to a few
+sigmas, the DiT's velocity with the true caption against the same caption naming another motion
+(or another colour) for the first sprite; a word the DiT ignores changes nothing.
 
-  python -m toy.evaluate --count 100 --reconstruction --breakdown
+  python -m toy.evaluate --count 100 --reconstruction --breakdown --word-probe
 
 Shapes: B batch, z latent channels, F H W latent frames/height/width, T video frames.
 """
@@ -60,6 +63,43 @@ def initial_noise(models: WanModels, count: int, num_frames: int, generator: tor
     return torch.randn(latent_shape(cfg, count, num_frames, cfg.height, cfg.width), generator=generator)
 
 
+def swap_word(scene: world.Scene, kind: str, generator: torch.Generator) -> str:
+    """The scene's caption with its first sprite's motion ('motion') or fill colour ('colour') swapped
+    for another held-in one; the first sprite's words come first in a caption."""
+    sprite, text = scene.sprites[0], world.caption(scene)
+    if kind == "motion":
+        others = [m for m in world.vocabulary("motion") if m != sprite.motion]
+        other = others[int(torch.randint(len(others), (1,), generator=generator))]
+        return text.replace(world.MOTIONS[sprite.motion], world.MOTIONS[other], 1)
+    taken = {c for s in scene.sprites for c in s.colours}               # scenes never repeat a colour
+    others = [c for c in world.vocabulary("colour")
+              if c not in taken and world.contrast(c, scene.background) >= world.MIN_CONTRAST]
+    other = others[int(torch.randint(len(others), (1,), generator=generator))]
+    return text.replace(f" {sprite.colour} ", f" {other} ", 1)
+
+
+@torch.no_grad()
+def word_probe(models: WanModels, scenes: list[world.Scene], sigmas: tuple[float, ...],
+               generator: torch.Generator, device: str = "cpu") -> dict[str, list[float]]:
+    """Per kind ('motion', 'colour') and sigma: mean squared change of the DiT's velocity on the true
+    clips noised to sigma when their captions name another word of that kind for the first sprite."""
+    clips = torch.stack([world.to_pixels(world.render(s)) for s in scenes]).transpose(1, 2)    # (B, 3, T, H, W)
+    x0 = models.vae.encode(clips.to(device))                                                     # (B, z, F, H, W)
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    prompts = {"true": [world.caption(s) for s in scenes]}
+    for kind in ("motion", "colour"):
+        prompts[kind] = [swap_word(s, kind, generator) for s in scenes]
+    context = {k: encode_prompts(models.tokenizer, models.text_encoder, p, device) for k, p in prompts.items()}
+    change: dict[str, list[float]] = {"motion": [], "colour": []}
+    for sigma in sigmas:
+        sigma_b = torch.full((len(scenes),), sigma, device=device)
+        x_t = flow.add_noise(x0, noise, sigma_b)
+        velocity = {k: models.dit(x_t, sigma_b * flow.NUM_TRAIN_TIMESTEPS, c) for k, c in context.items()}
+        for kind in change:
+            change[kind].append(float((velocity["true"] - velocity[kind]).pow(2).mean()))
+    return change
+
+
 def main(args) -> None:
     torch.set_num_threads(args.threads)
     models = load_wan(args.model, device=args.device)
@@ -100,6 +140,14 @@ def main(args) -> None:
     if args.breakdown:
         for name, table in columns:
             breakdown(name, scenes, table)
+    if args.word_probe:
+        sigmas = (1.0, 0.9, 0.7, 0.5, 0.3)
+        change = word_probe(models, scenes, sigmas, generator, args.device)
+        print("\nword probe: mean squared change of the DiT's velocity on the true clips noised to sigma, "
+              "when the caption names another ... for the first sprite")
+        print(f"| sigma | {' | '.join(f'{s:.1f}' for s in sigmas)} |\n|---|{'---|' * len(sigmas)}")
+        for kind, values in change.items():
+            print(f"| {kind} | {' | '.join(f'{v:.4f}' for v in values)} |")
 
 
 def breakdown(name: str, scenes: list[world.Scene], rows: list[dict]) -> None:
@@ -135,4 +183,6 @@ if __name__ == "__main__":
                         help="also score the VAE reconstructions of the true clips (the DiT's ceiling)")
     parser.add_argument("--breakdown", action="store_true",
                         help="per sprite: colour right by pattern, and which motion labels were read instead")
+    parser.add_argument("--word-probe", action="store_true",
+                        help="how much the DiT's velocity changes when a caption names another motion or colour")
     main(parser.parse_args())
