@@ -153,7 +153,9 @@ def test_word_probe_swaps_one_word_of_the_first_sprite(models):
         assert motion.endswith(" and " + tail) and motion != true
         phrases = [world.MOTIONS[m] for m in world.vocabulary("motion") if m != "up"]
         assert motion.split(" and ")[0] in [f"a small red circle {p}" for p in phrases]
-        assert colour.endswith(" and " + tail) and colour.split()[2] not in ("red", "blue", "white", "pink", "teal")
+        new_colour = colour.split()[2]
+        assert colour.endswith(" and " + tail) and new_colour not in ("red", "blue")
+        assert new_colour in world.vocabulary("colour") and world.contrast(new_colour, "white") >= world.MIN_CONTRAST
         assert colour.split(" and ")[0].split()[3:] == head.split()[3:]
     change = word_probe(models, [scene, world.Scene((red,), "black")], (1.0, 0.5), generator)
     assert set(change) == {"motion", "colour"} and all(len(v) == 2 for v in change.values())

@@ -68,14 +68,14 @@ def swap_word(scene: world.Scene, kind: str, generator: torch.Generator) -> str:
     for another held-in one; the first sprite's words come first in a caption."""
     sprite, text = scene.sprites[0], world.caption(scene)
     if kind == "motion":
-        others = [m for m in world.vocabulary("motion") if m != sprite.motion]
-        other = others[int(torch.randint(len(others), (1,), generator=generator))]
-        return text.replace(world.MOTIONS[sprite.motion], world.MOTIONS[other], 1)
-    taken = {c for s in scene.sprites for c in s.colours}               # scenes never repeat a colour
-    others = [c for c in world.vocabulary("colour")
-              if c not in taken and world.contrast(c, scene.background) >= world.MIN_CONTRAST]
-    other = others[int(torch.randint(len(others), (1,), generator=generator))]
-    return text.replace(f" {sprite.colour} ", f" {other} ", 1)
+        old = world.MOTIONS[sprite.motion]
+        others = [world.MOTIONS[m] for m in world.vocabulary("motion") if m != sprite.motion]
+    else:
+        old = f" {sprite.colour} "
+        taken = {c for s in scene.sprites for c in s.colours}           # scenes never repeat a colour
+        others = [f" {c} " for c in world.vocabulary("colour")
+                  if c not in taken and world.contrast(c, scene.background) >= world.MIN_CONTRAST]
+    return text.replace(old, others[int(torch.randint(len(others), (1,), generator=generator))], 1)
 
 
 @torch.no_grad()
@@ -86,9 +86,8 @@ def word_probe(models: WanModels, scenes: list[world.Scene], sigmas: tuple[float
     clips = torch.stack([world.to_pixels(world.render(s)) for s in scenes]).transpose(1, 2)    # (B, 3, T, H, W)
     x0 = models.vae.encode(clips.to(device))                                                     # (B, z, F, H, W)
     noise = torch.randn(x0.shape, generator=generator).to(device)
-    prompts = {"true": [world.caption(s) for s in scenes]}
-    for kind in ("motion", "colour"):
-        prompts[kind] = [swap_word(s, kind, generator) for s in scenes]
+    prompts = {"true": [world.caption(s) for s in scenes],
+               **{kind: [swap_word(s, kind, generator) for s in scenes] for kind in ("motion", "colour")}}
     context = {k: encode_prompts(models.tokenizer, models.text_encoder, p, device) for k, p in prompts.items()}
     change: dict[str, list[float]] = {"motion": [], "colour": []}
     for sigma in sigmas:
@@ -144,7 +143,7 @@ def main(args) -> None:
         sigmas = (1.0, 0.9, 0.7, 0.5, 0.3)
         change = word_probe(models, scenes, sigmas, generator, args.device)
         print("\nword probe: mean squared change of the DiT's velocity on the true clips noised to sigma, "
-              "when the caption names another ... for the first sprite")
+              "when the caption names another motion / colour (rows) for the first sprite")
         print(f"| sigma | {' | '.join(f'{s:.1f}' for s in sigmas)} |\n|---|{'---|' * len(sigmas)}")
         for kind, values in change.items():
             print(f"| {kind} | {' | '.join(f'{v:.4f}' for v in values)} |")
