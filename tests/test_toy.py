@@ -147,11 +147,11 @@ def test_word_probe_swaps_one_word_of_the_first_sprite(models):
     scene = world.Scene((red, blue), "white")
     generator = torch.Generator().manual_seed(0)
     true = world.caption(scene)
+    head, tail = true.split(" and ")
+    phrases = [world.MOTIONS[m] for m in world.vocabulary("motion") if m != "up"]
     for _ in range(5):
         motion, colour = swap_word(scene, "motion", generator), swap_word(scene, "colour", generator)
-        head, tail = true.split(" and ")
         assert motion.endswith(" and " + tail) and motion != true
-        phrases = [world.MOTIONS[m] for m in world.vocabulary("motion") if m != "up"]
         assert motion.split(" and ")[0] in [f"a small red circle {p}" for p in phrases]
         new_colour = colour.split()[2]
         assert colour.endswith(" and " + tail) and new_colour not in ("red", "blue")
