@@ -145,10 +145,10 @@ PRESETS: dict[str, WanConfig] = {
         # The real strides (8x spatial, 4x temporal) at 1/6 of Wan's width; latent stats measured by
         # `python -m toy.pretrain --part latents` over the DiT's 3000 training clips + 3000 frames.
         vae=VAEConfig(base_dim=16, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1,
-                      latents_mean=(-0.1541, -0.4025, -0.0636, 0.1964, -0.0009, 0.2284, -0.0119, -0.4159,
-                                    0.2518, 0.0705, 0.1397, -0.151, 0.3944, 0.1075, -0.132, -0.1374),
-                      latents_std=(0.9588, 1.4661, 0.6892, 1.2884, 0.7839, 0.5684, 0.4622, 1.2723,
-                                   0.7377, 1.3239, 0.8058, 0.3149, 1.8043, 0.7947, 1.3522, 1.0665)),
+                      latents_mean=(0.0534, 0.2776, -0.1717, -0.0278, -0.285, 0.1174, -0.2322, 0.1212,
+                                    -0.3542, -0.5496, 0.198, 0.1206, -0.0247, -0.0196, 0.3382, 0.1421),
+                      latents_std=(0.8135, 0.8899, 1.0153, 1.8742, 0.9206, 0.6642, 0.6592, 1.5658,
+                                   1.2484, 1.1616, 0.6341, 0.6111, 1.0509, 0.9177, 0.5532, 1.154)),
         # A word-level sentencepiece vocabulary (98 pieces) plus T5's 100 sentinel ids.
         t5=T5Config(vocab_size=198, dim=128, num_heads=4, head_dim=32, ffn_dim=256, num_layers=2,
                     text_len=32),

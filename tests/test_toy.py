@@ -1,5 +1,6 @@
 """The pretrained toy Wan in toy/checkpoint/: it loads, diffusers runs it to the same video as we do,
-its latent statistics are the VAE's, and it is cheap enough for CPU personalization.
+its latent statistics are the VAE's, and it is cheap enough for CPU personalization; and the
+pretraining's VAE starts as an image VAE run frame by frame.
 
 The reference is diffusers' WanPipeline on the same folder (transformers is needed for its umT5).
 """
@@ -13,8 +14,10 @@ from model import flow
 from model.config import PRESETS
 from model.dit import WanDiT
 from model.loader import load_wan
+from model.vae import WanVAE
 from toy import concepts, world
 from toy.evaluate import breakdown, generate, initial_noise, swap_word, word_probe
+from toy.pretrain_vae import inflate_init
 
 CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toy", "checkpoint")
 TOY = PRESETS["toy"]
@@ -96,7 +99,8 @@ def test_diffusers_pipeline_makes_the_same_video(models):
     # real pairs, the fp32 vs float64 sinusoid, ...), amplified by CFG 5 through 10 steps. "The same
     # video" means the same 8-bit frames: the bound is a tenth of one 8-bit level for any pixel, and
     # float noise on average. Measured max / mean difference of the [0, 1] range: 9e-7 / 7e-8 on the
-    # first (step-1132) checkpoint, 1.1e-5 / 3.7e-7 on the second, 2.5e-5 / 7.3e-7 on the shipped one.
+    # first (step-1132) checkpoint, 1.1e-5 / 3.7e-7 on the second, 2.5e-5 / 7.3e-7 on the third,
+    # 1.4e-5 / 2.5e-7 on the shipped one.
     difference = (ours - theirs).abs()
     assert difference.max() < 0.1 / 255 and difference.mean() < 1e-6, (difference.max(), difference.mean())
 
@@ -160,3 +164,22 @@ def test_word_probe_swaps_one_word_of_the_first_sprite(models):
     change = word_probe(models, [scene, world.Scene((red,), "black")], (1.0, 0.5), generator)
     assert set(change) == {"motion", "colour"} and all(len(v) == 2 for v in change.values())
     assert all(0 < v < float("inf") for v in change["colour"]), change
+
+
+def test_inflated_vae_starts_frame_by_frame():
+    """toy.pretrain --vae-init inflate: before any training, a clip that stands still encodes to equal
+    latent frames and decodes to equal frames, as an image VAE run frame by frame would; PyTorch's
+    default init does not (its random temporal taps make every chunk look different)."""
+    frame = world.to_pixels(world.render(world.random_scene(torch.Generator().manual_seed(0)), num_frames=1))
+    still = frame.transpose(0, 1)[None].expand(-1, -1, 9, -1, -1).contiguous()   # (1, 3, 9, 64, 64)
+    spreads = {}
+    for init in ("pytorch", "inflate"):
+        torch.manual_seed(0)
+        vae = WanVAE(PRESETS["tiny"].vae).requires_grad_(False)
+        if init == "inflate":
+            inflate_init(vae)
+        mean, _ = vae.moments(still)                                  # (1, z, 3, 8, 8)
+        video = vae.decode_raw(mean)                                  # (1, 3, 9, 64, 64)
+        spreads[init] = (float((mean - mean[:, :, :1]).abs().max()), float((video - video[:, :, :1]).abs().max()))
+    assert max(spreads["inflate"]) < 1e-4, spreads
+    assert min(spreads["pytorch"]) > 1e-2, spreads

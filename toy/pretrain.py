@@ -1,11 +1,10 @@
-"""Pretrain the toy Wan (PRESETS["toy"]) on the sprite world, from nothing, in 96 minutes on a 2-core CPU.
+"""Pretrain the toy Wan (PRESETS["toy"]) on the sprite world, from nothing, in 78 minutes on a 2-core CPU.
 
 No Wan weights can be downloaded here, so the project makes its own base model: the SAME modules
 as Wan2.1 (model/), a tiny config, trained in the order the real one was built:
   tokenizer  a word-level sentencepiece model over the world's captions (+ the concept tokens)
-  vae        the causal Wan-VAE, MSE + a small KL, mostly on single frames and short clips
-  decoder    the decoder alone (encoder frozen) on whole clips, so it draws the motion inside chunks
-  clips      then encoder and decoder together on whole clips, so the temporal chunks keep colours
+  vae        the causal Wan-VAE, MSE + a small KL, mostly on single frames and short clips,
+             started as an image VAE run frame by frame (pretrain_vae.inflate_init)
   latents    cache the DiT's training set once: clips with video captions AND single frames with
              image captions (Wan trains on images as 1-frame videos; stage "set" relies on that);
              held-out colours/shapes/patterns/motions never appear; measures latents_mean/std
@@ -18,8 +17,8 @@ The defaults are the recipe of the shipped toy/checkpoint. It ran as one invocat
 
   OMP_WAIT_POLICY=ACTIVE python -m toy.pretrain --threads 2 --minutes 120
 
-96 minutes on the idle 2-core machine: tokenizer and clip pool 0.1, VAE 5000 steps 24.7, decoder
-600 steps 9.7, clips 600 steps 12.0, latents of 3000 clips + 3000 frames 2.6, DiT 15000 steps 47.2.
+78 minutes on the idle 2-core machine: tokenizer and clip pool 0.1, VAE 5000 steps 25.9, latents
+of 3000 clips + 3000 frames 2.6, DiT 15000 steps 49.1.
 The same command with `--minutes 55`, repeated until it prints "done", runs it in chunks of under
 an hour.
 Two threads pay only if OpenMP's threads spin while they wait (OMP_WAIT_POLICY=ACTIVE; the default
@@ -49,9 +48,9 @@ from model.config import PRESETS, WanConfig
 from model.dit import WanDiT
 from model.text_encoder import Tokenizer, UMT5Encoder
 from toy import concepts, world
-from toy.pretrain_vae import Deadline, Every, encoder_source, load_vae, save_atomic, train_on_clips, train_vae
+from toy.pretrain_vae import Deadline, Every, load_vae, save_atomic, train_vae
 
-PARTS = ("tokenizer", "vae", "decoder", "clips", "latents", "dit", "export")
+PARTS = ("tokenizer", "vae", "latents", "dit", "export")
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -101,12 +100,10 @@ def cache_latents(args, cfg: WanConfig, deadline: Deadline) -> None:
     """Render held-in scenes, encode each clip and one single frame of it; store posterior moments."""
     path = os.path.join(args.run_dir, "latents.pt")
     cache = torch.load(path) if os.path.exists(path) else None
-    if cache is not None and cache.get("encoder", "vae.pt") != encoder_source(args):
-        cache = None                          # part "clips" changed the encoder: encode everything again
     if cache is not None and "latents_mean" in cache:
         return
     if cache is None:
-        cache = {"video": [], "image": [], "captions": [], "image_captions": [], "encoder": encoder_source(args),
+        cache = {"video": [], "image": [], "captions": [], "image_captions": [],
                  "generator": torch.Generator().manual_seed(args.seed + 3).get_state()}
     generator = torch.Generator()
     generator.set_state(cache["generator"])
@@ -326,8 +323,6 @@ def main(args) -> None:
             train_tokenizer(args)
         elif part == "vae":
             train_vae(args, PRESETS["toy"], deadline)
-        elif part in ("decoder", "clips"):
-            train_on_clips(args, PRESETS["toy"], deadline, whole=part == "clips")
         elif part == "latents":
             cache_latents(args, PRESETS["toy"], deadline)
         elif part == "dit":
@@ -353,12 +348,11 @@ if __name__ == "__main__":
     parser.add_argument("--vae-crop", type=int, default=32, help="random crop size for the first 95%% of steps")
     parser.add_argument("--vae-lr", type=float, default=3e-4,
                         help="AdamW peak learning rate (1e-3 stalls at the frame variance; 1e-4 learns too slowly)")
+    parser.add_argument("--vae-init", default="inflate", choices=("inflate", "pytorch"),
+                        help="inflate: start as an image VAE run frame by frame (pretrain_vae.inflate_init); "
+                             "pytorch: PyTorch's default init")
     parser.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the mean KL next to the mean MSE")
     parser.add_argument("--vae-clips", type=int, default=400, help="rendered clips (whole vocabulary) to crop from")
-    parser.add_argument("--decoder-steps", type=int, default=600, help="decoder-only steps on whole clips")
-    parser.add_argument("--decoder-lr", type=float, default=1e-4, help="AdamW peak learning rate of the decoder part")
-    parser.add_argument("--clip-steps", type=int, default=600, help="whole-VAE steps on whole clips")
-    parser.add_argument("--clip-lr", type=float, default=1e-4, help="AdamW peak learning rate of the clips part")
     # ---- latent cache
     parser.add_argument("--num-clips", type=int, default=3000,
                         help="held-in training clips (each also gives one image)")

@@ -2,7 +2,9 @@
 
 The causal Wan-VAE at the toy config learns from renders of the whole sprite world (held-out
 attributes included, so it can encode the concept videos): MSE plus a small KL, mostly on single
-frames and short clips, some full 17-frame clips so the temporal path learns too.
+frames and short clips, some full 17-frame clips so the temporal path learns too. It starts as an
+image VAE run frame by frame (`inflate_init`, the usual way to grow a video VAE from an image one),
+so the 4-frame chunks inherit what frame 0 learns instead of starting from random temporal weights.
 Shapes: B batch, T video frames, H W height/width, z latent channels.
 """
 import math
@@ -13,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from model.config import WanConfig
-from model.vae import CausalCache, WanVAE
+from model.vae import CausalCache, CausalConv3d, Resample, WanVAE
 from toy import world
 
 
@@ -103,6 +105,34 @@ def reconstruct(vae: WanVAE, video: torch.Tensor, generator: torch.Generator) ->
     return torch.cat(frames, dim=2), kl
 
 
+@torch.no_grad()
+def inflate_init(vae: WanVAE) -> None:
+    """Start the VAE as an image VAE run frame by frame: the look of frame 0 carries over to every chunk.
+
+    Every causal 3x3x3 conv keeps only its current-frame tap (the past taps start at zero, the
+    current one scaled by sqrt(3) to the variance of a 3x3 conv's init); the encoder's temporal
+    downsamplers start as a 2-frame average and the decoder's temporal upsamplers as frame
+    repetition. Single frames (half the VAE's steps) only ever train the current-frame taps, so
+    without this the later latent frames start from random temporal weights and learn colour late
+    (PyTorch's default init is --vae-init pytorch).
+    """
+    for module in vae.modules():
+        if isinstance(module, CausalConv3d) and module.kernel_size[0] == 3 and module.context == 2:
+            module.weight[:, :, :2] = 0
+            module.weight[:, :, 2] *= 3 ** 0.5
+    for module in vae.modules():                                # the temporal resamplers, over the above
+        if isinstance(module, Resample) and hasattr(module, "time_conv"):
+            conv = module.time_conv                              # weight (C_out, C, 3, 1, 1)
+            conv.weight.zero_()
+            conv.bias.zero_()
+            eye = torch.eye(conv.weight.shape[1])
+            if module.mode == "downsample3d":                   # each window [past, f, f']: the mean of f, f'
+                conv.weight[:, :, 1, 0, 0] = 0.5 * eye
+                conv.weight[:, :, 2, 0, 0] = 0.5 * eye
+            else:                                               # both halves (two output frames) copy the input
+                conv.weight[:, :, 2, 0, 0] = torch.cat([eye, eye])
+
+
 def train_vae(args, cfg: WanConfig, deadline: Deadline) -> None:
     path = os.path.join(args.run_dir, "vae.pt")
     state = torch.load(path) if os.path.exists(path) else None
@@ -122,6 +152,8 @@ def train_vae(args, cfg: WanConfig, deadline: Deadline) -> None:
     # initial means and the decoder cannot learn to use the latent (loss stalls at the frame variance).
     with torch.no_grad():
         vae.conv1.bias[cfg.vae.z_dim:] = -6.0
+    if args.vae_init == "inflate":
+        inflate_init(vae)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed + 2)
     step = restore(state, vae, opt, generator)
@@ -157,77 +189,8 @@ def train_vae(args, cfg: WanConfig, deadline: Deadline) -> None:
     save()
 
 
-VAE_STAGES = ("vae.pt", "vae_decoder.pt", "vae_clips.pt")   # each fine-tune starts from the one before
-
-
-def train_on_clips(args, cfg: WanConfig, deadline: Deadline, whole: bool) -> None:
-    """Fine-tune on whole 17-frame 64x64 clips: the decoder alone (whole=False), then the whole VAE.
-
-    The main VAE run sees mostly single frames and 32x32 crops; its temporal chunks come out weak:
-    the decoder draws a moving sprite late or not at all inside each 4-frame chunk (the oracle
-    read "still" on a third of the moving sprites of its reconstructions), and the encoder keeps
-    a sprite's position after frame 0 but not its colours. Part "decoder" (encoder frozen, so the
-    cached latents stay valid) fixes the first; part "clips" trains encoder and decoder together
-    (then the latents must be cached again). The loss weighs the pixels that change over the
-    clip (where the motion is) 10x: the flat background is already right.
-    """
-    name, steps, lr = (("vae_clips.pt", args.clip_steps, args.clip_lr) if whole
-                       else ("vae_decoder.pt", args.decoder_steps, args.decoder_lr))
-    path = os.path.join(args.run_dir, name)
-    state = torch.load(path) if os.path.exists(path) else None
-    if state is not None and state["step"] >= steps:
-        return
-    pool = torch.load(os.path.join(args.run_dir, "vae_pool.pt"))["clips"]
-    vae = WanVAE(cfg.vae)
-    previous = VAE_STAGES[VAE_STAGES.index(name) - 1]
-    vae.load_state_dict(torch.load(os.path.join(args.run_dir, previous))["vae"])
-    vae.requires_grad_(whole)
-    params = list(vae.parameters()) if whole else list(vae.conv2.parameters()) + list(vae.decoder.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    generator = torch.Generator().manual_seed(args.seed + (4 if whole else 3))
-    step = restore(state, vae, opt, generator)
-
-    def save():
-        save_part(path, vae, opt, generator, step)
-
-    part = "clips" if whole else "decoder"
-    autosave, log = Every(args.save_minutes), tqdm(total=steps, initial=step, desc=part, mininterval=10)
-    while step < steps:
-        if deadline.passed():
-            save()
-            return
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        clips = torch.randint(len(pool), (2,), generator=generator)
-        video = torch.stack([world.to_pixels(pool[c]) for c in clips.tolist()]).transpose(1, 2)  # (2, 3, T, H, W)
-        moving = (video - video.mean(dim=2, keepdim=True)).abs().amax(dim=1, keepdim=True)      # (2, 1, T, H, W)
-        weight = 1 + 9 * (moving > 0.1).float()
-        rec, kl = reconstruct(vae, video, generator)
-        mse = (weight * (rec - video).pow(2)).mean() / weight.mean()
-        opt.zero_grad(set_to_none=True)
-        (mse + args.kl_weight * kl if whole else mse).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        log.update(1)
-        log.set_postfix(mse=f"{mse.item():.4f}", refresh=False)
-        if step % 50 == 0:
-            print(f"{part} step {step} weighted mse {mse.item():.5f}", flush=True)
-        if autosave.due():
-            save()
-    save()
-
-
-def encoder_source(args) -> str:
-    """The checkpoint file whose encoder made (or must make) the cached latents: part "decoder" keeps it."""
-    return "vae_clips.pt" if os.path.exists(os.path.join(args.run_dir, "vae_clips.pt")) else "vae.pt"
-
-
 def load_vae(args, cfg: WanConfig) -> WanVAE:
-    """The trained VAE after the last of its parts that has run (vae, decoder, clips)."""
+    """The trained VAE of part "vae", frozen."""
     vae = WanVAE(cfg.vae)
-    last = [n for n in VAE_STAGES if os.path.exists(os.path.join(args.run_dir, n))][-1]
-    vae.load_state_dict(torch.load(os.path.join(args.run_dir, last))["vae"])
+    vae.load_state_dict(torch.load(os.path.join(args.run_dir, "vae.pt"))["vae"])
     return vae.eval().requires_grad_(False)
