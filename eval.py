@@ -12,8 +12,8 @@ with sample.py's sampler, and toy/oracle.py scores each clip against the scene i
 
   MSE     motion prompt only: mean squared error against the input clip (RGB in [0, 1])   lower is better
   ID      the concept sprite's identity score (colour fidelity x balance x shape IoU) in the FIRST frame,
-          all 4 prompts (the toy VAE keeps appearance crisp only there: its later 4-frame chunks blur
-          colours even for true clips, see the `vae` row, so an all-frames score would measure the VAE)
+          all 4 prompts (the toy VAE keeps appearance crispest there: its later 4-frame chunks blur
+          more even for true clips, see the `vae` row, so an all-frames score would measure the VAE)
   Motion  the concept sprite's motion score (presence x trajectory match), the 3 prompts that keep [u]
   Edit    the edit is there: the new background / the second sprite in its colour and motion / the new
           motion (oracle's nearest-motion label), each 0 or 1, mean of the three (the parts are also shown)
