@@ -67,7 +67,8 @@ VARIANTS: dict[str, tuple[str, tuple[tuple[str, tuple[str, ...]], ...], str | No
                   (("set", ("--drop", "0.8", *PAPER_REG)), ("sequence", ("--drop", "0.5", *PAPER_REG))),
                   "sequence.safetensors"),
     "rank1": ("as ours, rank 1", (("set", ("--rank", "1")), ("sequence", ())), "sequence.safetensors"),
-    "rank32": ("as ours, rank 32", (("set", ("--rank", "32")), ("sequence", ())), "sequence.safetensors"),
+    "rank8": ("as ours, rank 8 (the paper's; the toy's default is 32)", (("set", ("--rank", "8")), ("sequence", ())),
+              "sequence.safetensors"),
     "input_basis": ("as ours, the basis on the input side", (("set", ("--basis-side", "input")), ("sequence", ())),
                     "sequence.safetensors"),
 }

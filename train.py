@@ -168,7 +168,8 @@ def main(args: argparse.Namespace) -> str:
         load_adapter_file(dit, set_path, models.model_id)  # rank/targets come from the file, strictly
         set_stage(dit, "sequence", p=drop)
     else:
-        inject(dit, rank=args.rank, alpha=args.alpha, basis_side=args.basis_side)
+        rank = cfg.lora_rank if args.rank is None else args.rank
+        inject(dit, rank=rank, alpha=args.alpha, basis_side=args.basis_side)
         # stage single trains the same tensors as stage set: a plain LoRA, no DropConnect by default
         set_stage(dit, "set", p=drop)
     dit.train()
@@ -259,7 +260,7 @@ def main(args: argparse.Namespace) -> str:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Out-of-range flags fail before any model is loaded."""
-    checks = [(args.rank >= 1, "--rank must be >= 1"), (args.batch >= 1, "--batch must be >= 1"),
+    checks = [(args.rank is None or args.rank >= 1, "--rank must be >= 1"), (args.batch >= 1, "--batch must be >= 1"),
               (args.lr is None or args.lr > 0, "--lr must be > 0"), (args.clip > 0, "--clip must be > 0"),
               (args.steps is None or args.steps >= 1, "--steps must be >= 1"),
               (args.drop is None or 0 <= args.drop < 1, "--drop must be in [0, 1)"),
@@ -295,7 +296,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "1e-4 for Wan as in the paper)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--clip", type=float, default=0.05, help="gradient-norm clipping")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (stage set; sequence reads it from the file)")
+    p.add_argument("--rank", type=int, help="LoRA rank r (default: the model's, 8 for Wan, 32 for the toy; "
+                   "stage set; sequence reads it from the file)")
     p.add_argument("--basis-side", choices=("output", "input"), default="output",
                    help="where the shared basis sits: output (basis @ coeff, method.md DECISION) or input")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default r: scale 1)")

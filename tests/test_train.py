@@ -1,5 +1,7 @@
 """End to end on CPU with a tiny random Wan: train.py --stage set, --stage sequence, sample.py, resume, bad input."""
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -290,3 +292,18 @@ def test_input_side_basis_runs_both_stages(tiny, tmp_path):
     sample.main(sample.parse_args(["--model", tiny["flags"][1], "--adapter", str(tmp_path / "sequence.safetensors"),
                                    "--prompt", "a sks square", "--steps", "2", "--out", out]))
     assert os.path.exists(out)
+
+
+def test_rank_defaults_to_the_models_and_the_flag_overrides_it(tiny, tmp_path):
+    """--rank unset: the checkpoint's lora_rank (wan_config.json: 32 for the toy); --rank wins when given."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny["flags"][1], folder)
+    config = json.loads((folder / "wan_config.json").read_text())
+    assert config["lora_rank"] == 8                                      # the tiny preset keeps the paper's
+    (folder / "wan_config.json").write_text(json.dumps({**config, "lora_rank": 3}))
+    for extra, rank in (((), 3), (("--rank", "2"), 2)):
+        run_dir = tmp_path / f"rank{rank}"
+        run_train(tiny, run_dir, "--model", str(folder), "--stage", "set", "--steps", "1", *extra)
+        tensors = load_file(run_dir / "set.safetensors")
+        key = next(k for k in tensors if k.endswith(".basis"))
+        assert tensors[key].shape[1] == rank                            # (out, r): the output-side factor
