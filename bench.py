@@ -17,43 +17,59 @@ torch.cuda.max_memory_allocated; on the CPU, which has no such counter, the peak
 tensors created during the step, tracked in one extra untimed rep (allocator caches and kernels' private
 scratch are not seen). FLOPs are counted analytically for the DiT alone (2 x multiply-adds of linears and
 attention matmuls); activation recomputation by gradient checkpointing is not counted (model FLOPs).
+The reference side needs diffusers, transformers, peft and accelerate (requirements-dev.txt); they
+are imported only when a benchmark runs, so a missing one is a one-line error, not a traceback.
+Tables of past runs: docs/performance.md.
 Shapes: B batch, C latent channels, F H W latent frames/height/width, L video tokens, S text tokens, D width.
 """
 import argparse
 import dataclasses
+import importlib
 import math
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 import weakref
 
-import diffusers
 import numpy as np
 import sentencepiece as spm
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-import transformers
-from diffusers import UniPCMultistepScheduler, WanPipeline
-from peft import LoraConfig
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from lora.lora import inject, lora_modules, set_stage, trainable_parameters
 from model.config import PRESETS, DiTConfig
 from model.dit import WanDiT
-from model.flow import add_noise, flow_loss, sample_train_sigmas, unipc_sigmas, velocity_target
+from model.files import atomic_path
+from model.flow import add_noise, flow_loss, flow_matching_loss, sample_train_sigmas, unipc_sigmas, velocity_target
 from model.keymaps import DIT_KEYS
-from model.loader import WanModels, load_wan
+from model.loader import WanModels, load_wan, storage_dtype
 from model.save import save_diffusers
 from model.text_encoder import Tokenizer, UMT5Encoder, encode_prompts
 from model.vae import WanVAE
-from sample import DTYPES, generate_latents
+from model.loader import DTYPES
+from model.pipeline import generate_latents
 
 PROMPT = "a red fox runs along a snowy river bank at dawn"
 RANK = 8                # the LoRA rank of the issue: train.py's default
 TRAIN_LR, TRAIN_CLIP = 1e-4, 0.05   # train.py's --lr and --clip defaults
+REFERENCE_LIBRARIES = ("diffusers", "transformers", "peft", "accelerate")   # requirements-dev.txt
+
+
+def check_reference_libraries() -> None:
+    """Exit with one line naming the install command if a reference library is missing."""
+    for name in REFERENCE_LIBRARIES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            sys.exit(f"bench.py: error: {name} is not installed (the reference side): "
+                     "pip install -r requirements-dev.txt")
 
 
 # ---- peak memory and timing ----
@@ -177,6 +193,9 @@ def bench_config(name: str, args):
 
 def build(cfg, folder: str, device: torch.device, dtype: torch.dtype, seed: int):
     """Our models and a diffusers WanPipeline, each loaded by its own library from one random checkpoint."""
+    import diffusers
+    import transformers
+    from diffusers import UniPCMultistepScheduler, WanPipeline
     for library in (diffusers, transformers):   # no loading bars between the table rows
         library.utils.logging.disable_progress_bar()
     torch.manual_seed(seed)
@@ -202,6 +221,7 @@ def build(cfg, folder: str, device: torch.device, dtype: torch.dtype, seed: int)
 
 def add_peft_lora(transformer, ours_dit) -> None:
     """peft LoRA of the same rank on the same layers, starting from our adapters' values (lora_A = coeff)."""
+    from peft import LoraConfig
     adapters = lora_modules(ours_dit)
     names = {ours: DIT_KEYS.to_reference(ours + ".weight").removesuffix(".weight") for ours in adapters}
     transformer.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, target_modules=list(names.values())))
@@ -390,7 +410,165 @@ def format_table(rows: list[dict], args) -> str:
     return "\n".join(head + [format_row(row, args) for row in rows])
 
 
+# ---- the memory planner (--plan): what one training micro-step needs on the device ----
+# Weights and adapter state are counted from the model's own parameters; activations are measured by
+# running the real forward and backward of our DiT on fake tensors (shapes and dtypes, no data, no memory).
+PLAN_PRESETS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
+PLAN_FRAMES = (33, 49, 81)
+CARDS_GIB = (24, 48, 80)
+HEADROOM = 0.9        # the share of a card a plan may fill: CUDA context, cuBLAS workspaces and fragmentation take the rest
+PREFETCH_BLOCKS = 2   # copies of offloaded blocks on the device: the one running and the next, copied in meanwhile
+GIB = 2**30
+ADAPTER_TENSORS = ("basis", "coeff", "residual")
+
+
+def plan_model(cfg: DiTConfig, dtype: torch.dtype, stage: str, device: str = "cpu") -> WanDiT:
+    """Our DiT with load_wan's dtypes (small modules fp32), random weights and a rank-8 adapter in `stage`."""
+    with torch.device("meta"):
+        model = WanDiT(cfg)     # shapes only: a 14B model costs nothing here
+    for name, param in list(model.named_parameters()):
+        module_name, _, key = name.rpartition(".")
+        # Under FakeTensorMode a fake tensor: still no memory. On real tensors normal_ also touches
+        # every page, so the process's resident memory sees the weights.
+        values = torch.empty_like(param, dtype=storage_dtype("dit", name, dtype), device=device)
+        setattr(model.get_submodule(module_name), key, nn.Parameter(values.normal_(std=0.02)))
+    inject(model, rank=RANK)
+    set_stage(model, stage)
+    return model.train()
+
+
+def weight_bytes(model: WanDiT, fp8: bool, offload: int) -> int:
+    """Frozen weights resident on the device; `offload` blocks live on the CPU and are streamed in one by one."""
+    def nbytes(name: str, param: torch.Tensor) -> int:
+        # fp8: the frozen block linears at 1 byte per weight (their biases, the norms and the rest unchanged)
+        is_block_linear = name.startswith("blocks.") and name.endswith("base.weight")
+        return param.numel() * (1 if fp8 and is_block_linear else param.element_size())
+    frozen = {name: nbytes(name, p) for name, p in model.named_parameters() if not name.endswith(ADAPTER_TENSORS)}
+    block = sum(n for name, n in frozen.items() if name.startswith("blocks.0."))
+    return sum(frozen.values()) - offload * block + min(offload, PREFETCH_BLOCKS) * block
+
+
+def adapter_bytes(model: WanDiT) -> int:
+    """All adapter tensors (fp32), plus the gradient and AdamW's two moments of the trainable ones."""
+    params = [p for name, p in model.named_parameters() if name.endswith(ADAPTER_TENSORS)]
+    return sum(p.nbytes * (4 if p.requires_grad else 1) for p in params)
+
+
+def step_activations(model: WanDiT, latent: tuple[int, ...], dtype: torch.dtype, grad_ckpt: bool) -> dict:
+    """Bytes saved for backward and the peak of live tensor bytes of one micro-step (batch 1, train.py's
+    forward under autocast, loss, backward); weights, adapters and their gradients are not counted."""
+    model.gradient_checkpointing = grad_ckpt
+    for param in model.parameters():
+        if param.requires_grad:   # as left by an earlier micro-step: counted by adapter_bytes, not here
+            param.grad = torch.zeros_like(param)
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved = {}                    # storage -> bytes: views of one storage count once
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in weights:   # a linear saves its weight: already counted
+            saved[storage._cdata] = storage.nbytes()
+        return tensor
+
+    cfg = model.cfg
+    with LiveTensorBytes() as tracker:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            x0 = torch.randn(1, *latent)                                        # (B, C, F, H, W)
+            context = torch.randn(1, cfg.text_len, cfg.text_dim).to(dtype)     # (B, S, text_dim)
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                loss = flow_matching_loss(model, x0, torch.randn_like(x0), torch.rand(1), context).sum()
+        loss.backward()
+    return {"saved": sum(saved.values()), "peak": tracker.peak}
+
+
+def measure_activations(cfg: DiTConfig, latent: tuple[int, ...], dtype: torch.dtype, grad_ckpt: bool, stage: str,
+                        full_depth: bool = False) -> dict:
+    """step_activations of our DiT on fake CPU tensors; from 2- and 3-block models unless full_depth."""
+    # Fake CPU tensors pick the kernels a CPU run would (flash attention, never an L x L matrix) and take
+    # CPU autocast. All blocks are alike, so from 2 blocks on each one adds the same bytes (a 1-block
+    # model peaks elsewhere): two depths give the line, equal to the full-depth measurement to the byte
+    # (tests/test_plan.py) in a fraction of the time.
+    depths = [cfg.num_layers] if full_depth or cfg.num_layers <= 3 else [2, 3]
+    counts = []
+    for depth in depths:
+        with FakeTensorMode():
+            model = plan_model(dataclasses.replace(cfg, num_layers=depth), dtype, stage)
+            counts.append(step_activations(model, latent, dtype, grad_ckpt))
+    if len(counts) == 1:
+        return counts[0]
+    two, three = counts
+    return {key: two[key] + (cfg.num_layers - 2) * (three[key] - two[key]) for key in two}
+
+
+def plan_rows(args) -> list[dict]:
+    """One row per preset x frames x checkpointing x weight format x offloaded blocks."""
+    rows = []
+    for name in args.config or PLAN_PRESETS:
+        cfg = PRESETS[name]
+        height, width = args.height or cfg.height, args.width or cfg.width
+        model = plan_model(cfg.dit, torch.bfloat16, args.stage, device="meta")   # the full size: bytes of weights
+        offloads = sorted({cfg.dit.num_layers if n == "all" else int(n) for n in args.offload})
+        for frames in args.frames or PLAN_FRAMES:
+            latent = (cfg.dit.in_dim, (frames - 1) // cfg.vae.temporal_factor + 1,
+                      height // cfg.vae.spatial_factor, width // cfg.vae.spatial_factor)   # (C, F, H, W)
+            tokens = math.prod(n // p for n, p in zip(latent[1:], cfg.dit.patch_size))    # L
+            for ckpt in (False, True):
+                acts = measure_activations(cfg.dit, latent, torch.bfloat16, ckpt, args.stage, args.plan_full_depth)
+                for fp8 in (False, True):
+                    for offload in offloads:
+                        weights = weight_bytes(model, fp8, offload)
+                        rows.append({"model": name, "frames": frames, "tokens": tokens, "ckpt": ckpt, "fp8": fp8,
+                                     "offload": offload, "weights": weights, "adapter": adapter_bytes(model),
+                                     "saved": acts["saved"], "activations": acts["peak"],
+                                     "total": weights + adapter_bytes(model) + acts["peak"]})
+    return rows
+
+
+def format_plan(rows: list[dict]) -> str:
+    """The markdown table of plan_rows; a card fits when the total is at most HEADROOM of it."""
+    head = ["| model | frames (L) | grad ckpt | weights | offloaded blocks | weights GiB | adapter+AdamW GiB "
+            "| saved for bwd GiB | activation peak GiB | total GiB | fits (GiB cards) |", "|" + "---|" * 11]
+    lines = []
+    for r in rows:
+        fits = " ".join(str(card) for card in CARDS_GIB if r["total"] <= HEADROOM * card * GIB) or "none"
+        cells = [r["model"].removeprefix("wan2.1-t2v-"), f"{r['frames']} ({r['tokens']})", "on" if r["ckpt"] else "off",
+                 "fp8" if r["fp8"] else "bf16", str(r["offload"]),
+                 *(f"{r[key] / GIB:.2f}" for key in ("weights", "adapter", "saved", "activations", "total")), fits]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(head + lines)
+
+
+def write_between_markers(path: str, text: str, begin: str = "<!-- plan:begin -->",
+                          end: str = "<!-- plan:end -->") -> None:
+    """Put `text` between the two markers of the file (appended with them if absent), atomically."""
+    with open(path) as f:
+        doc = f.read()
+    block = f"{begin}\n{text}\n{end}"
+    if begin in doc and end in doc:
+        doc = doc[:doc.index(begin)] + block + doc[doc.index(end) + len(end):]
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + block + "\n"
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(doc)
+
+
+def plan_main(args: argparse.Namespace) -> tuple[list[dict], str]:
+    start = time.perf_counter()
+    rows = plan_rows(args)
+    table = (f"Per micro-step, batch 1, stage {args.stage}, rank-{RANK} adapter on every block linear, bf16 compute; "
+             f"fits: total <= {HEADROOM:.0%} of the card.\n\n" + format_plan(rows))
+    print(table)
+    print(f"\n--plan took {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    if args.write_docs:
+        write_between_markers(os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "performance.md"), table)
+    return rows, table
+
+
 def main(args: argparse.Namespace) -> tuple[list[dict], str]:
+    if args.plan:
+        return plan_main(args)
+    check_reference_libraries()
     device = torch.device(args.device)
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[args.dtype]
@@ -440,6 +618,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # output
     p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense bf16 peak for %% of peak (H100 SXM)")
     p.add_argument("--out", help="also write the table to this markdown file")
+    # the memory planner
+    p.add_argument("--plan", action="store_true",
+                   help="instead of benchmarking, print the device memory of a training micro-step per setting "
+                        "(default: 1.3B and 14B at 480x832, 33 49 81 frames)")
+    p.add_argument("--stage", choices=("set", "sequence"), default="sequence",
+                   help="--plan: the stage whose tensors train (sequence: the clip stage)")
+    p.add_argument("--offload", nargs="+", default=["0", "all"],
+                   help="--plan: numbers of DiT blocks kept on the CPU and streamed in; 'all' = every block")
+    p.add_argument("--plan-full-depth", action="store_true",
+                   help="--plan: run every block instead of extrapolating from 2- and 3-block runs (same result, slower)")
+    p.add_argument("--write-docs", action="store_true", help="--plan: also write the table into docs/performance.md")
     return p.parse_args(argv)
 
 

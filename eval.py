@@ -2,13 +2,15 @@
 
     python eval.py               # 3 concepts x 10 rows x 2 seeds + composition: 56 runs, 47 min on 2 cores
     python eval.py --seeds 1     # a quick look (about half the time)
+    python eval.py --write-docs  # also write the tables and plot into docs/results.md
 
-The paper's claim (method.md): two stages, set then sequence, keep identity and motion while
+The paper's claim (docs/method.md): two stages, set then sequence, keep identity and motion while
 following edit prompts better than a one-stage LoRA of the same rank trained on the video (the
 paper's DB-LoRA row), and the regularizers improve that trade-off. Every variant below trains
 on each example concept of assets/ (toy/concepts.py) with train.py, then samples the concept's
 motion prompt and its three edits (another background, a second sprite, another motion word)
-with sample.py's sampler, and toy/oracle.py scores each clip against the scene its prompt asks for:
+with sample.py's sampler (model/pipeline.py), and toy/oracle.py scores each clip against the
+scene its prompt asks for:
 
   MSE     motion prompt only: mean squared error against the input clip (RGB in [0, 1])   lower is better
   ID      the concept sprite's identity score (colour fidelity x balance x shape IoU) in the FIRST frame,
@@ -41,16 +43,18 @@ from multiprocessing import get_context
 import torch
 from tqdm import tqdm
 
-import sample
 import train
+from lora.lora import apply_adapters
+from model.files import atomic_path
 from model.loader import load_wan
+from model.pipeline import generate_videos
 from toy import oracle, world
 from toy.concepts import CONCEPTS
 
-README = "README.md"
+RESULTS = "docs/results.md"   # --write-docs fills its section between the eval markers
 BEGIN, END = "<!-- eval:begin -->", "<!-- eval:end -->"
 NO_REG = ("--drop", "0", "--text-mask", "0", "--prior-weight", "0")
-PAPER_REG = ("--text-mask", "0.1", "--prior-weight", "1")   # with --drop 0.8 (set) / 0.5 (sequence): method.md
+PAPER_REG = ("--text-mask", "0.1", "--prior-weight", "1")   # with --drop 0.8 (set) / 0.5 (sequence): docs/method.md
 
 # variant -> (what it is, the train.py runs (stage, extra flags), the adapter file sampled; None = base model)
 VARIANTS: dict[str, tuple[str, tuple[tuple[str, tuple[str, ...]], ...], str | None]] = {
@@ -163,8 +167,9 @@ def sample_and_score(model_dir: str, adapter: str | None, prompts: list[tuple[st
         truth = torch.stack([world.to_pixels(world.render(scene)) for _, _, scene in prompts])  # (B, T, 3, H, W)
         videos = vae.decode(vae.encode(truth.transpose(1, 2)))                                  # (B, 3, T, H, W)
     else:
-        videos = sample.generate_videos(model_dir, [adapter] if adapter else [], [p for _, p, _ in prompts],
-                                        seed, steps)                                            # (B, 3, T, H, W)
+        models = load_wan(model_dir)
+        apply_adapters(models.dit, [adapter] if adapter else [], models.model_id, s_id=1.0, s_mot=1.0)
+        videos = generate_videos(models, [p for _, p, _ in prompts], seed, steps)                # (B, 3, T, H, W)
     rows = []
     for (kind, prompt, scene), video in zip(prompts, videos):
         clip = video.transpose(0, 1)                                      # (T, 3, H, W)
@@ -198,9 +203,8 @@ def run_job(job: Job, out_dir: str, model: str, sample_steps: int | None) -> dic
             for row in sample_and_score(model, path, prompts, job.seed, sample_steps):
                 rows.append({"variant": variant, "concepts": list(job.concepts), "seed": job.seed, **row})
     result = {"job": job.name, "seconds": time.time() - start, "rows": rows}
-    with open(result_path + ".tmp", "w") as f:
+    with atomic_path(result_path) as tmp, open(tmp, "w") as f:
         json.dump(result, f, indent=1)
-    os.replace(result_path + ".tmp", result_path)
     return result
 
 
@@ -313,22 +317,20 @@ def plot_svg(summary: dict[str, dict[str, tuple[float, float]]], path: str) -> N
         out.append(f'<circle cx="{px(xs[variant]):.1f}" cy="{py(ys[variant]):.1f}" r="5" fill="{colour}"/>')
         out.append(f'<text x="{px(xs[variant]) + 8:.1f}" y="{py(ys[variant]) - 6:.1f}">{variant}</text>')
     out.append("</svg>")
-    with open(path + ".tmp", "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write("\n".join(out) + "\n")
-    os.replace(path + ".tmp", path)
 
 
-def write_readme(section: str) -> None:
-    """Replace the README's results section (between the eval markers), atomically."""
-    with open(README) as f:
+def write_results(section: str) -> None:
+    """Replace the results section of docs/results.md (between the eval markers), atomically."""
+    with open(RESULTS) as f:
         text = f.read()
     if BEGIN not in text or END not in text:
-        raise ValueError(f"{README} has no {BEGIN} ... {END} section to fill")
+        raise ValueError(f"{RESULTS} has no {BEGIN} ... {END} section to fill")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    with open(README + ".tmp", "w") as f:
+    with atomic_path(RESULTS) as tmp, open(tmp, "w") as f:
         f.write(f"{head}{BEGIN}\n{section}\n{END}{tail}")
-    os.replace(README + ".tmp", README)
 
 
 # ---------------------------------------------------------------------------- main
@@ -355,7 +357,7 @@ def main(args: argparse.Namespace) -> None:
         with open(timing) as f:     # nothing ran now: quote the run that made these results
             minutes = json.load(f)["minutes"]
     else:
-        with open(timing, "w") as f:
+        with atomic_path(timing) as tmp, open(tmp, "w") as f:
             json.dump({"minutes": minutes, "runs": len(jobs)}, f)
     table, summary = tabulate(results, variants)
     composition = composition_table(results)
@@ -370,11 +372,12 @@ def main(args: argparse.Namespace) -> None:
     if composition:
         report += f"\nComposition (two concepts, one jointly trained adapter, prompted together):\n\n{composition}\n"
     print("\n" + report)
-    if args.readme:
+    if args.write_docs:
         plot_copy = os.path.join("assets", "eval_tradeoff.svg")
         plot_svg(summary, plot_copy)
-        write_readme(report + f"\n![edit adherence vs fidelity per variant]({plot_copy})\n")
-        print(f"wrote the results into {README} and {plot_copy}")
+        link = os.path.relpath(plot_copy, os.path.dirname(RESULTS))   # the image link is relative to the page
+        write_results(report + f"\n![edit adherence vs fidelity per variant]({link})\n")
+        print(f"wrote the results into {RESULTS} and {plot_copy}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -387,7 +390,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", default="runs/eval", help="run folders and results (resumable)")
     p.add_argument("--workers", type=int, default=2, help="parallel single-thread jobs (one per core)")
     p.add_argument("--sample-steps", type=int, help="sampling steps (default: the model's)")
-    p.add_argument("--readme", action="store_true", help="write the table and plot into README.md's results section")
+    p.add_argument("--write-docs", action="store_true",
+                   help="write the tables and plot into docs/results.md (between its eval markers)")
     return p.parse_args(argv)
 
 

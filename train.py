@@ -1,4 +1,4 @@
-"""Set-and-Sequence training: ONE loop, two stages (shared/reference/method.md).
+"""Set-and-Sequence training: ONE loop, two stages (docs/method.md).
 
     python train.py --stage set        # identity basis + coefficients, from the video's frames as a set
     python train.py --stage sequence   # motion residual on the coefficients, from the ordered clip
@@ -15,32 +15,49 @@ with the motion prompt, no DropConnect (a DreamBooth LoRA), 1500 steps = set + s
 Shapes: B batch, C latent channels, F H W latent frames/height/width, S text rows, D text width.
 """
 import argparse
-import json
+import functools
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
 
-from data import VideoError, VideoLatents, cache_latents, cache_tensor, cache_text, check_video_size
+from data import VideoLatents, cache_latents, cache_tensor, cache_text
 from data import sequence_batches, set_batches
 from lora.export import export_lora
-from lora.lora import adapter_state_dict, inject, save_adapter, set_stage, trainable_parameters
-from model.flow import add_noise, flow_loss, sample_train_sigmas, velocity_target
-from model.loader import load_wan
+from lora.lora import adapter_state_dict, inject, load_adapter_file, read_adapter_meta, save_adapter
+from lora.lora import set_stage, trainable_parameters
+from model.checkpoint import weights_fingerprint
+from model.files import atomic_path
+from model.flow import flow_matching_loss, sample_train_sigmas
+from model.loader import DTYPES, load_wan
+from model.pipeline import check_size, generate_latents
 from model.text_encoder import encode_prompts
-from sample import CONCEPTS_FILE, DEFAULT_MODEL, DTYPES, generate_latents, load_adapter_file
+from video import VideoError, check_video_size
 
-# Generic prompts for prior preservation with a real Wan model (method.md, Regularization 3);
+# Generic prompts for prior preservation with a real Wan model (docs/method.md#regularization);
 # a model folder may ship its own in prior_prompts.txt (the toy model does).
 GENERIC_PROMPTS = ["A man in a blue t-shirt. He is walking in a park.",
                    "A woman in a red dress dancing in a living room.",
                    "A dog running on a beach at sunset.",
                    "A child riding a bicycle on a quiet street."]
 
-# Steps per stage (method.md: the paper's 600 and 900; stage single gets their sum, same total work).
+# Steps per stage (docs/method.md: the paper's 600 and 900; stage single gets their sum, same total work).
 DEFAULT_STEPS = {"set": 600, "sequence": 900, "single": 1500}
+
+# Training defaults per base model (by its model id; a flag given wins). Wan gets the paper's values
+# (docs/method.md) with its batch of 8 as 1 sample at a time x 8 accumulated; the toy model's were
+# measured on the toy world (docs/toy-model.md): Adam moves a 128-wide layer far less than a
+# 1536-wide one, hence the larger rate, and at the paper's regularization its adapters learned
+# nothing in 600 + 900 steps. Its prior weight keeps the balance measured with 8 concept and 2 prior
+# samples per step when the loss was their plain mean (0.25 x 2 / 8).
+TRAINING_DEFAULTS = {
+    "paper": {"rank": 8, "lr": 1e-4, "batch": 1, "grad_accum": 8, "text_mask": 0.1, "drop_set": 0.8,
+              "drop_sequence": 0.5, "prior_weight": 1.0},
+    "toy": {"rank": 32, "lr": 3e-3, "batch": 8, "grad_accum": 1, "text_mask": 0.0, "drop_set": 0.3,
+            "drop_sequence": 0.2, "prior_weight": 0.0625},
+}
 
 
 @dataclass
@@ -53,16 +70,16 @@ class Concept:
     motion_token: str | None
 
 
-def resolve_concepts(args: argparse.Namespace) -> list[Concept]:
-    """--video entries with their prompts; the toy world's concepts.json fills in what is omitted."""
+def concepts_from_flags(args: argparse.Namespace) -> list[Concept]:
+    """--video entries with their prompts; without --model, the toy world's example concept fills in."""
     known = {}
-    if os.path.exists(CONCEPTS_FILE):
-        with open(CONCEPTS_FILE) as f:
-            known = {os.path.normpath(os.path.join(os.path.dirname(CONCEPTS_FILE), c["file"])): c
-                     for c in json.load(f)}
-    videos = args.video or ([next(iter(known))] if known and args.model == DEFAULT_MODEL else [])
+    if args.model is None:
+        from toy import TOY_MODEL, example_concepts
+        args.model = TOY_MODEL
+        known = {os.path.normpath(c["file"]): c for c in example_concepts()}
+    videos = args.video or list(known)[:1]
     if not videos:
-        raise ValueError("--video is required with a model other than the toy default")
+        raise ValueError("--video is required with --model (the toy model alone has a default video)")
     for flag in ("prompt", "motion_prompt", "id_token", "motion_token"):
         given = getattr(args, flag) or []
         if given and len(given) != len(videos):
@@ -70,114 +87,191 @@ def resolve_concepts(args: argparse.Namespace) -> list[Concept]:
                              "entries: give it once per video, in the same order")
     concepts = []
     for i, video in enumerate(videos):
-        default = known.get(os.path.normpath(video), {})
+        default = known.get(os.path.normpath(os.path.abspath(video)), {})
         pick = lambda flag, key: (getattr(args, flag) or [None] * len(videos))[i] or default.get(key)  # noqa: E731
-        concept = Concept(video, pick("prompt", "static_prompt"), pick("motion_prompt", "motion_prompt"),
-                          pick("id_token", "identity_token"), pick("motion_token", "motion_token"))
+        concepts.append(Concept(video, pick("prompt", "static_prompt"), pick("motion_prompt", "motion_prompt"),
+                                pick("id_token", "identity_token"), pick("motion_token", "motion_token")))
+    return concepts
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[list[Concept], str]:
+    """The concepts to train and the run folder. Stage sequence continues the stage-set run in that
+    folder: its videos, prompts, tokens and size come from the stage-set adapter unless flags say otherwise."""
+    if args.stage == "sequence" and not args.video and args.run_dir:
+        if args.model is None:
+            from toy import TOY_MODEL
+            args.model = TOY_MODEL
+        concepts = []
+    else:
+        concepts = concepts_from_flags(args)
+    run_dir = args.run_dir or os.path.join("runs", os.path.splitext(os.path.basename(concepts[0].video))[0])
+    set_path = os.path.join(run_dir, "set.safetensors")
+    if args.stage == "sequence":
+        if not os.path.exists(set_path):
+            raise ValueError(f"stage sequence needs the stage-set adapter {set_path}: run "
+                             f"`python train.py --stage set` first with the same --run-dir")
+        trained = read_adapter_meta(set_path).get("concepts")
+        if trained and concepts and [os.path.abspath(c.video) for c in concepts] != \
+                [os.path.abspath(c["video"]) for c in trained]:
+            raise ValueError(f"{set_path} was trained on {[c['video'] for c in trained]}, not "
+                             f"{[c.video for c in concepts]}: stage sequence continues that run; omit --video "
+                             "(the stage-set run's videos and prompts are used) or pass another --run-dir")
+        if trained:   # flags given for this stage win; the rest comes from the stage-set run
+            flagged = {f: getattr(args, f) or [None] * len(trained)
+                       for f in ("prompt", "motion_prompt", "id_token", "motion_token")}
+            concepts = [Concept(c["video"], flagged["prompt"][i] or c["static_prompt"],
+                                flagged["motion_prompt"][i] or c["motion_prompt"],
+                                flagged["id_token"][i] or c["id_token"],
+                                flagged["motion_token"][i] or c["motion_token"])
+                        for i, c in enumerate(trained)]
+            for key in ("frames", "height", "width"):
+                if getattr(args, key) is None:
+                    setattr(args, key, read_adapter_meta(set_path).get("size", {}).get(key))
+        elif not concepts:
+            raise ValueError(f"{set_path} does not record its videos (an older file): pass --video and the prompts")
+    for concept in concepts:
         if not concept.static_prompt or not concept.motion_prompt:
-            raise ValueError(f"{video}: give --prompt (static, with the identity token) and --motion-prompt")
+            raise ValueError(f"{concept.video}: give --prompt (static, with the identity token) and --motion-prompt")
         # A prompt without its rare token cannot bind the concept to a word: warn, do not stop.
         for prompt, token in ((concept.static_prompt, concept.id_token), (concept.motion_prompt, concept.id_token),
                               (concept.motion_prompt, concept.motion_token)):
             if token and token not in prompt.split():
                 print(f"warning: prompt {prompt!r} does not contain the token {token!r}", file=sys.stderr)
-        concepts.append(concept)
-    return concepts
+    return concepts, run_dir
 
 
-def prior_latents(args, models, shape, negative: torch.Tensor, path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Samples of the BASE model from generic prompts, generated once and cached (latents, text states)."""
-    prompts_file = os.path.join(args.model, "prior_prompts.txt") if args.model else ""
+def prior_prompts(args) -> list[str]:
+    """Generic prompts for prior preservation: the model folder's prior_prompts.txt, else GENERIC_PROMPTS."""
+    prompts_file = os.path.join(args.model, "prior_prompts.txt")
     prompts = GENERIC_PROMPTS
     if os.path.exists(prompts_file):
         with open(prompts_file) as f:
             prompts = [line.strip() for line in f if line.strip()]
-    prompts = prompts[:args.prior_count]
+    return prompts[:args.prior_count]
+
+
+def prior_latents(args, dit, cfg, states: torch.Tensor, negative: torch.Tensor, shape, path: str,
+                  fingerprint: dict[str, str]) -> torch.Tensor:
+    """Samples of the BASE model (no adapter yet) from the prior prompts' text states, generated once and cached."""
     device = negative.device
-    states = cache_text(prompts, lambda p: encode_prompts(models.tokenizer, models.text_encoder, p, device),
-                        f"{path}-text.safetensors", models.model_id)           # (P, S, D)
-    fingerprint = {"prompts": json.dumps(prompts), "model": models.model_id, "shape": str(shape),
-                   "steps": str(models.cfg.sample_steps), "seed": str(args.seed)}
 
     def generate() -> torch.Tensor:
         generator = torch.Generator().manual_seed(args.seed)
-        return torch.cat([generate_latents(models.dit, states[i:i + 1].to(device), negative, (1, *shape), "unipc",
-                                           models.cfg.sample_steps, models.cfg.sample_shift,
-                                           models.cfg.guidance_scale, generator, progress=False)
-                          for i in tqdm(range(len(prompts)), desc="prior samples (once)")])
-    return cache_tensor(f"{path}.safetensors", fingerprint, generate), states  # (P, C, F, H, W)
+        return torch.cat([generate_latents(dit, states[i:i + 1].to(device), negative, (1, *shape), "unipc",
+                                           cfg.sample_steps, cfg.sample_shift, cfg.guidance_scale, generator,
+                                           progress=False)
+                          for i in tqdm(range(len(states)), desc="prior samples (once)")])
+    return cache_tensor(path, {**fingerprint, "shape": str(shape), "steps": str(cfg.sample_steps),
+                               "seed": str(args.seed)}, generate)          # (P, C, F, H, W)
 
 
-def save_state(path: str, step: int, model, optimizer, noise_gen, losses: list[float]) -> None:
+def rng_states(noise_gen: torch.Generator) -> dict:
+    """The random streams a step draws from: noise/sigmas/text masks, and the DropConnect masks."""
+    states = {"noise_gen": noise_gen.get_state(), "rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda_rng"] = torch.cuda.get_rng_state_all()   # DropConnect masks on the GPU
+    return states
+
+
+def save_state(path: str, step: int, model, optimizer, rng: dict, losses: list[float]) -> None:
     """Everything a resumed run needs to continue bit-exactly, written atomically."""
     state = {"step": step, "adapter": adapter_state_dict(model), "optimizer": optimizer.state_dict(),
-             "noise_gen": noise_gen.get_state(), "rng": torch.get_rng_state(), "losses": losses}
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()   # DropConnect masks on the GPU
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+             "losses": losses, **rng}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def warn_split_tokens(tokenizer, concepts: list[Concept]) -> None:
+    """A rare token should be one piece of the tokenizer's vocabulary; warn when it splits into several."""
+    for concept in concepts:
+        for token in (concept.id_token, concept.motion_token):
+            pieces = tokenizer.sp.encode(token, out_type=str) if token else []
+            if len(pieces) > 1:
+                print(f"warning: the token {token!r} is {len(pieces)} pieces for this model's tokenizer "
+                      f"({' '.join(pieces)}): a rare word that is one piece binds the concept better "
+                      "(the toy model knows: dax wug blick toma zorp fep)", file=sys.stderr)
 
 
 def main(args: argparse.Namespace) -> str:
+    """Check the flags, train in the run folder, and leave no empty folder behind if it fails."""
     check_flags(args)
-    concepts = resolve_concepts(args)
-    run_dir = args.run_dir or os.path.join("runs", os.path.splitext(os.path.basename(concepts[0].video))[0])
+    torch.set_num_threads(args.threads)
+    concepts, run_dir = resolve_run(args)
+    made = [d for d in (run_dir, os.path.join(run_dir, "cache")) if not os.path.isdir(d)]
     try:
         os.makedirs(os.path.join(run_dir, "cache"), exist_ok=True)
     except OSError as error:
         raise ValueError(f"cannot create the run folder {run_dir!r} ({error.strerror}): choose another --run-dir")
+    try:
+        return train(args, concepts, run_dir)
+    finally:
+        for folder in reversed(made):          # only what this run created, and only if still empty
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+
+
+def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str) -> str:
     set_path, adapter_path = (os.path.join(run_dir, f"{s}.safetensors") for s in ("set", args.stage))
-    if args.stage == "sequence" and not os.path.exists(set_path):
-        raise ValueError(f"stage sequence needs the stage-set adapter {set_path}: run "
-                         f"`python train.py --stage set` first with the same --run-dir")
     torch.manual_seed(args.seed)  # the global RNG draws the DropConnect masks
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    models = load_wan(args.model, parts=("dit", "vae", "text"), device=device, dtype=dtype)
-    cfg = models.cfg
+    model_id, cfg = (lambda m: (m.model_id, m.cfg))(load_wan(args.model, parts=()))   # configs only
     frames, height, width = args.frames or cfg.num_frames, args.height or cfg.height, args.width or cfg.width
     check_video_size(frames, height, width)
-    models.dit.requires_grad_(False)
+    check_size(cfg, frames, height, width)
+    # Caches are keyed by the weights themselves and the dtype: another checkpoint never reuses them.
+    cache_id = f"{model_id}-{weights_fingerprint(args.model)}-{args.dtype}"
+    cache = lambda name: os.path.join(run_dir, "cache", name)  # noqa: E731
+    # Defaults the flags did not set: the paper's for Wan, measured ones for the toy (TRAINING_DEFAULTS).
+    hp = {**TRAINING_DEFAULTS.get(model_id, TRAINING_DEFAULTS["paper"]),
+          **{k: v for k, v in vars(args).items() if k in TRAINING_DEFAULTS["paper"] and v is not None}}
+    drop = {"set": hp["drop_set"], "sequence": hp["drop_sequence"], "single": 0.0}[args.stage]
+    drop = drop if args.drop is None else args.drop
 
-    # ---- 1. Cache what the loop reads: latents, text states, prior samples; then free the encoders.
+    # ---- 1. Cache what the loop reads: latents and text states, then prior samples. The VAE and the
+    # umT5 (11 GB for Wan) are loaded only if a cache misses, and freed before the DiT is loaded.
+    load = functools.cache(lambda part: load_wan(args.model, parts=(part,), device=device, dtype=dtype))
+
+    def encode(prompts: list[str]) -> torch.Tensor:
+        text_part = load("text")
+        warn_split_tokens(text_part.tokenizer, concepts)
+        return encode_prompts(text_part.tokenizer, text_part.text_encoder, prompts, device)
+
     videos: list[VideoLatents] = [
-        cache_latents(c.video, models.vae, os.path.join(run_dir, "cache", f"video{i}.safetensors"), cfg.fps,
-                      height, width, frames, models.model_id, device, dtype) for i, c in enumerate(concepts)]
+        cache_latents(c.video, lambda: load("vae").vae, cache(f"video{i}.safetensors"), cfg.fps, height, width,
+                      frames, cache_id, device) for i, c in enumerate(concepts)]
     stage_prompts = [c.static_prompt if args.stage == "set" else c.motion_prompt for c in concepts]
     # (stage single learns identity and motion at once, from the clip and the motion prompt)
-    encode = lambda p: encode_prompts(models.tokenizer, models.text_encoder, p, device)  # noqa: E731
-    text = cache_text(stage_prompts, encode, os.path.join(run_dir, "cache", f"text-{args.stage}.safetensors"),
-                      models.model_id)                                                   # (V, S, D)
-    prior, prior_text = None, None
-    # Regularization defaults come from the model's config (the paper's for Wan, measured for the toy).
-    prior_weight = cfg.lora_prior_weight if args.prior_weight is None else args.prior_weight
-    drop = {"set": cfg.lora_drop_set, "sequence": cfg.lora_drop_sequence, "single": 0.0}[args.stage]
-    drop = drop if args.drop is None else args.drop
-    if prior_weight > 0:
-        negative = cache_text([cfg.negative_prompt], encode, os.path.join(run_dir, "cache", "negative.safetensors"),
-                              models.model_id).to(device)
+    text = cache_text(stage_prompts, encode, cache(f"text-{args.stage}.safetensors"), cache_id)   # (V, S, D)
+    if hp["prior_weight"] > 0:
+        negative = cache_text([cfg.negative_prompt], encode, cache("negative.safetensors"), cache_id).to(device)
+        prior_text = cache_text(prior_prompts(args), encode, cache(f"prior-{args.stage}-text.safetensors"),
+                                cache_id)                                                          # (P, S, D)
+    load.cache_clear()                                   # the encoders go before the DiT comes
+    dit = load_wan(args.model, parts=("dit",), device=device, dtype=dtype).dit
+    dit.requires_grad_(False)
+    prior = None
+    if hp["prior_weight"] > 0:
         # Stage set sees the prior as images (1-frame videos), stage sequence as clips, like the concept.
         shape = videos[0].frames.shape[1:] if args.stage == "set" else videos[0].clip.shape  # (C, F, H, W)
-        prior, prior_text = prior_latents(args, models, tuple(shape), negative,
-                                          os.path.join(run_dir, "cache", f"prior-{args.stage}"))
-    models.text_encoder = models.vae = None  # umT5-XXL alone is 11 GB; the loop needs only the DiT
+        prior = prior_latents(args, dit, cfg, prior_text, negative, tuple(shape),
+                              cache(f"prior-{args.stage}.safetensors"), {"model": cache_id})
 
     # ---- 2. The adapter: fresh for stage set; stage sequence continues from the stage-set file.
-    dit = models.dit
     if args.stage == "sequence":
-        load_adapter_file(dit, set_path, models.model_id)  # rank/targets come from the file, strictly
+        load_adapter_file(dit, set_path, model_id)  # rank/targets come from the file, strictly
         set_stage(dit, "sequence", p=drop)
     else:
-        rank = cfg.lora_rank if args.rank is None else args.rank
-        inject(dit, rank=rank, alpha=args.alpha, basis_side=args.basis_side)
+        inject(dit, rank=hp["rank"], alpha=args.alpha, basis_side=args.basis_side)
         # stage single trains the same tensors as stage set: a plain LoRA, no DropConnect by default
         set_stage(dit, "set", p=drop)
     dit.train()
     dit.gradient_checkpointing = args.grad_ckpt
     params = trainable_parameters(dit)
-    lr = cfg.lora_lr if args.lr is None else args.lr
-    text_mask = cfg.lora_text_mask if args.text_mask is None else args.text_mask
-    optimizer = torch.optim.AdamW(params.values(), lr=lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(params.values(), lr=hp["lr"], betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    micro, accum = hp["batch"], hp["grad_accum"]
+    tqdm.write(f"effective batch {micro * accum} concept samples (micro-batch {micro} x {accum} accumulated)"
+               + (f" + {args.prior_batch} prior samples" if prior is not None else "") + " per optimizer step")
 
     # ---- 3. Resume: restore adapter, optimizer and RNGs; the batch iterators are replayed.
     data_gen, noise_gen = torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(args.seed + 1)
@@ -194,60 +288,81 @@ def main(args: argparse.Namespace) -> str:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         start, losses = state["step"], state["losses"]
     # Stage set: random single frames of the video(s) (no order can leak); sequence: the ordered clip.
-    batches = (set_batches if args.stage == "set" else sequence_batches)(videos, args.batch, data_gen)
+    # One draw is an optimizer step's worth of samples, so --batch only decides how many run at once.
+    batches = (set_batches if args.stage == "set" else sequence_batches)(videos, micro * accum, data_gen)
 
-    def next_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Concept samples, then prior samples: latents (B', C, F, H, W), text (B', S, D), loss weights (B',)."""
+    def next_batch() -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+        """One optimizer step's data: [(latents (N, C, F, H, W), text (N, S, D), loss weight per sample)].
+
+        DreamBooth's loss: mean over the concept samples + prior_weight x mean over the prior samples.
+        """
         x0, owner = next(batches)                          # owner: the video each sample comes from
-        context, weights = text[owner], torch.ones(len(x0))
+        groups = [(x0, text[owner], 1 / len(x0))]
         if prior is not None:
             pick = torch.randint(len(prior), (args.prior_batch,), generator=data_gen)
-            x0, context = torch.cat([x0, prior[pick]]), torch.cat([context, prior_text[pick]])
-            weights = torch.cat([weights, torch.full((args.prior_batch,), prior_weight)])
-        return x0, context, weights
+            groups.append((prior[pick], prior_text[pick], hp["prior_weight"] / args.prior_batch))
+        return groups
 
     for _ in range(start):  # replay the data order up to the resumed step (cheap: indexing only)
         next_batch()
 
-    # ---- 4. The loop.
+    # ---- 4. The loop: per optimizer step, the concept samples and then the prior samples, each run in
+    # micro-batches whose gradients add up (what fits in memory decides --batch, not the result).
     steps = args.steps or DEFAULT_STEPS[args.stage]
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"stage {args.stage}")
-    for step in bar:
-        x0, context, weights = next_batch()            # (B', C, F, H, W), (B', S, D), (B',)
-        # Per-token text masking (method.md Reg. 2): zeroed rows look like Wan's padding rows.
-        keep = torch.rand(context.shape[:2], generator=noise_gen) >= text_mask        # (B', S)
-        context = context * keep[..., None]
-        # Timesteps: uniform then shifted by the model's sampling shift (default), so training
-        # weights noise levels the way the sampler visits them; coarse layout and motion are
-        # decided at high noise, which the shift favours. --timesteps logit_normal is SD3's choice.
-        sigmas = sample_train_sigmas(len(x0), noise_gen, shift=args.train_shift or cfg.sample_shift,
-                                     mode=args.timesteps)
-        noise = torch.randn(x0.shape, generator=noise_gen)                              # CPU noise
-        x0, noise, sigmas, context = (t.to(device) for t in (x0, noise, sigmas, context))
-        x_t = add_noise(x0, noise, sigmas)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            pred = dit(x_t.to(dtype), sigmas * cfg.num_train_timesteps, context.to(dtype))  # (B', C, F, H, W)
-        per_sample = flow_loss(pred, velocity_target(x0, noise))                           # (B',)
-        loss = (per_sample * weights.to(device)).sum() / len(per_sample)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower --lr or use --dtype fp32; "
-                                     f"the last good state is {state_path}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params.values(), args.clip)
-        optimizer.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
-        if (step + 1) % args.save_every == 0 and step + 1 < steps:
-            save_state(state_path, step + 1, dit, optimizer, noise_gen, losses)
+    step, at_start = start, rng_states(noise_gen)
+    try:
+        for step in bar:
+            at_start = rng_states(noise_gen)                 # what an interrupted step resumes from
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for x0, context, weight in next_batch():         # concept samples, then prior samples
+                # Every random draw is made for the whole group at once, so micro-batching cannot change it.
+                # Per-token text masking (docs/method.md#regularization): zeroed rows look like Wan's padding rows.
+                keep = torch.rand(context.shape[:2], generator=noise_gen) >= hp["text_mask"]   # (N, S)
+                # Timesteps: uniform then shifted by the model's sampling shift (default), so training
+                # weights noise levels the way the sampler visits them; coarse layout and motion are
+                # decided at high noise, which the shift favours. --timesteps logit_normal is SD3's choice.
+                sigmas = sample_train_sigmas(len(x0), noise_gen, shift=args.train_shift or cfg.sample_shift,
+                                             mode=args.timesteps)                               # (N,)
+                noise = torch.randn(x0.shape, generator=noise_gen)                              # CPU noise
+                for i in range(0, len(x0), micro):
+                    part = slice(i, i + micro)
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                        per_sample = flow_matching_loss(dit, x0[part].to(device), noise[part].to(device),
+                                                        sigmas[part].to(device),
+                                                        (context[part] * keep[part, :, None]).to(device, dtype))
+                    loss = weight * per_sample.sum()
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower --lr or use --dtype "
+                                                 f"fp32; the last good state is {state_path}")
+                    loss.backward()                                  # gradients add up over micro-batches
+                    step_loss += loss.item()
+            torch.nn.utils.clip_grad_norm_(params.values(), args.clip)
+            optimizer.step()
+            losses.append(step_loss)
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+            if (step + 1) % args.save_every == 0 and step + 1 < steps:
+                save_state(state_path, step + 1, dit, optimizer, rng_states(noise_gen), losses)
+    except KeyboardInterrupt:  # Ctrl-C: keep what was trained and say how to go on
+        bar.close()
+        # mid-step: the streams as the step found them; between steps: as they are now
+        save_state(state_path, len(losses), dit, optimizer, at_start if len(losses) == step else rng_states(noise_gen),
+                   losses)
+        again = [a for a in sys.argv[1:] if a != "--resume"]
+        again += [] if "--run-dir" in again else ["--run-dir", run_dir]
+        raise SystemExit(f"\ninterrupted at step {len(losses)}; saved {state_path}. Continue with:\n"
+                         f"  python train.py {' '.join(again)} --resume")
 
     # ---- 5. Save the adapter tensors (only what was trained), then optionally a plain LoRA.
     dit.eval()
-    meta = {"base_model_id": models.model_id, "stage": args.stage, "steps": steps, "seed": args.seed,
+    meta = {"base_model_id": model_id, "stage": args.stage, "steps": steps, "seed": args.seed,
             "videos": [c.video for c in concepts], "prompts": stage_prompts,
-            "tokens": [[c.id_token, c.motion_token] for c in concepts], "final_loss": losses[-1] if losses else None}
+            "tokens": [[c.id_token, c.motion_token] for c in concepts], "final_loss": losses[-1] if losses else None,
+            # what stage sequence continues and sample.py defaults to
+            "concepts": [asdict(c) for c in concepts], "size": {"frames": frames, "height": height, "width": width}}
     save_adapter(adapter_path, dit, meta)
-    save_state(state_path, steps, dit, optimizer, noise_gen, losses)
+    save_state(state_path, steps, dit, optimizer, rng_states(noise_gen), losses)
     if args.export:
         out = os.path.join(run_dir, f"lora-{args.export}.safetensors")
         export_lora(dit, out, args.export, s_id=args.s_id, s_mot=args.s_mot)
@@ -260,14 +375,16 @@ def main(args: argparse.Namespace) -> str:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Out-of-range flags fail before any model is loaded."""
-    checks = [(args.rank is None or args.rank >= 1, "--rank must be >= 1"), (args.batch >= 1, "--batch must be >= 1"),
+    checks = [(args.rank is None or args.rank >= 1, "--rank must be >= 1"),
+              (args.batch is None or args.batch >= 1, "--batch must be >= 1"),
+              (args.grad_accum is None or args.grad_accum >= 1, "--grad-accum must be >= 1"),
               (args.lr is None or args.lr > 0, "--lr must be > 0"), (args.clip > 0, "--clip must be > 0"),
               (args.steps is None or args.steps >= 1, "--steps must be >= 1"),
               (args.drop is None or 0 <= args.drop < 1, "--drop must be in [0, 1)"),
               (args.text_mask is None or 0 <= args.text_mask < 1, "--text-mask must be in [0, 1)"),
               (args.prior_weight is None or args.prior_weight >= 0, "--prior-weight must be >= 0"),
               (args.prior_count >= 1 and args.prior_batch >= 1, "--prior-count and --prior-batch must be >= 1"),
-              (args.save_every >= 1, "--save-every must be >= 1")]
+              (args.save_every >= 1, "--save-every must be >= 1"), (args.threads >= 1, "--threads must be >= 1")]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
@@ -284,46 +401,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--motion-prompt", action="append", help="static + motion prompt with the motion token")
     p.add_argument("--id-token", action="append", help="identity token [v] of each video (checked in prompts)")
     p.add_argument("--motion-token", action="append", help="motion token [u] of each video")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="Wan checkpoint folder (default: the toy model)")
+    p.add_argument("--model", help="Wan checkpoint folder (diffusers or original layout) or preset name "
+                   "(default: the project's toy model)")
     p.add_argument("--run-dir", help="folder for caches, adapters and resume state (default: runs/<video name>)")
     p.add_argument("--frames", type=int, help="frames, 4k+1 (default: the model's)")
     p.add_argument("--height", type=int, help="height, multiple of 16 (default: the model's)")
     p.add_argument("--width", type=int, help="width, multiple of 16 (default: the model's)")
-    # optimization (method.md: the paper's values)
+    # optimization (docs/method.md: the paper's values)
     p.add_argument("--steps", type=int, help="training steps (default 600 set, 900 sequence, 1500 single)")
-    p.add_argument("--batch", type=int, default=8, help="concept samples per step")
+    p.add_argument("--batch", type=int, help="micro-batch: samples per forward pass, what memory allows "
+                   "(default: the model's, 1 for Wan, 8 for the toy)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches accumulated per optimizer step: the effective "
+                   "batch is --batch x --grad-accum (default: the model's, 8 for Wan as the paper's batch 8, 1 for "
+                   "the toy)")
     p.add_argument("--lr", type=float, help="AdamW learning rate, betas (0.9, 0.99) (default: the model's, "
                    "1e-4 for Wan as in the paper)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    p.add_argument("--clip", type=float, default=0.05, help="gradient-norm clipping")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
+    p.add_argument("--clip", type=float, default=0.05, help="gradient-norm clipping (default: %(default)s)")
     p.add_argument("--rank", type=int, help="LoRA rank r (default: the model's, 8 for Wan, 32 for the toy; "
                    "stage set; sequence reads it from the file)")
     p.add_argument("--basis-side", choices=("output", "input"), default="output",
-                   help="where the shared basis sits: output (basis @ coeff, method.md DECISION) or input")
+                   help="where the shared basis sits: output (basis @ coeff, docs/method.md#decisions) or input")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default r: scale 1)")
     p.add_argument("--timesteps", choices=("uniform", "logit_normal"), default="uniform",
                    help="training noise-level distribution before the shift")
     p.add_argument("--train-shift", type=float, help="timestep shift in training (default: the model's)")
-    # regularization (method.md section 3.4)
+    # regularization (docs/method.md#regularization)
     p.add_argument("--drop", type=float, help="DropConnect p on the coefficients (default: the model's, 0.8 set / "
                    "0.5 sequence for Wan as in the paper; 0 in stage single)")
     p.add_argument("--text-mask", type=float, help="per-token text masking probability (default: the model's, "
                    "0.1 for Wan as in the paper)")
     p.add_argument("--prior-weight", type=float, help="loss weight of prior samples, 0 = off (default: the "
                    "model's, 1.0 for Wan)")
-    p.add_argument("--prior-count", type=int, default=4, help="number of base-model prior samples")
-    p.add_argument("--prior-batch", type=int, default=2, help="prior samples mixed into each batch")
+    p.add_argument("--prior-count", type=int, default=4,
+                   help="number of base-model prior samples (default: %(default)s)")
+    p.add_argument("--prior-batch", type=int, default=2,
+                   help="prior samples mixed into each batch (default: %(default)s)")
     # run
-    p.add_argument("--seed", type=int, default=0, help="seed of data order, noise, DropConnect")
-    p.add_argument("--save-every", type=int, default=100, help="steps between resume checkpoints")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of data order, noise, DropConnect (default: %(default)s)")
+    p.add_argument("--save-every", type=int, default=100,
+                   help="steps between resume checkpoints (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/<stage>-state.pt")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="base weights / autocast dtype")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing per DiT block")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s: it stays fast when "
+                   "other jobs share the cores, where 2 threads on a 2-core machine ran 15-150x slower)")
     # export
     p.add_argument("--export", choices=("comfyui", "diffusers"), help="also write a plain LoRA file")
-    p.add_argument("--s-id", type=float, default=1.0, help="identity strength baked into the export")
-    p.add_argument("--s-mot", type=float, default=1.0, help="motion strength baked into the export")
+    p.add_argument("--s-id", type=float, default=1.0,
+                   help="identity strength baked into the export (default: %(default)s)")
+    p.add_argument("--s-mot", type=float, default=1.0,
+                   help="motion strength baked into the export (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -333,3 +463,5 @@ if __name__ == "__main__":
         main(args)
     except (VideoError, ValueError, FileNotFoundError, FloatingPointError) as error:
         sys.exit(f"train.py: error: {error}")
+    except KeyboardInterrupt:   # before the loop: caches are written atomically, nothing to resume yet
+        sys.exit("train.py: interrupted before training started; run the same command again")

@@ -1,6 +1,6 @@
 """Export a Set-and-Sequence adapter as a plain LoRA file for ComfyUI or diffusers.
 
-method.md, "LoRA parametrization": the delta scale * basis @ (s_id * coeff + s_mot * residual)
+docs/method.md#lora-parametrization: the delta scale * basis @ (s_id * coeff + s_mot * residual)
 is still rank r, so it is exactly a standard LoRA with
 
     lora_B = scale * basis                     (out, r)
@@ -25,13 +25,13 @@ Key formats (checked against the loaders' source):
   `lora_adapter_metadata`, sets lora_alpha = r, so scale 1 again.
 Shapes: r rank, in / out the wrapped layer's feature sizes.
 """
-import os
 
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
 from lora.lora import DEFAULT_TARGET_PATTERN, lora_modules
+from model.files import atomic_path
 from model.keymaps import DIT_KEYS
 
 
@@ -67,8 +67,6 @@ def export_lora(model: nn.Module, path: str, fmt: str, s_id: float = 1.0,
             prefix = diffusers_module_name(name)
         tensors[f"{prefix}.lora_A.weight"] = lora_a
         tensors[f"{prefix}.lora_B.weight"] = lora_b
-    # Write then rename, so a crash never leaves a truncated LoRA under the real name.
-    tmp = f"{path}.tmp"
-    save_file(tensors, tmp, metadata={"format": "pt", "source": "set-and-sequence"})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:   # a crash never leaves a truncated LoRA under the real name
+        save_file(tensors, tmp, metadata={"format": "pt", "source": "set-and-sequence"})
     return tensors

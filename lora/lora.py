@@ -1,14 +1,14 @@
 """The Set-and-Sequence LoRA: a shared identity basis, identity coefficients, a motion residual.
 
-Follows shared/reference/method.md, "LoRA parametrization" (paper Eq. 2, 3, 6) and
-"Regularization" 1 (Eq. 10). For a frozen linear layer y = W x, W of shape (out, in):
+Follows docs/method.md#lora-parametrization (paper Eq. 2, 3, 6) and docs/method.md#regularization,
+item 1 (Eq. 10). For a frozen linear layer y = W x, W of shape (out, in):
 
     stage "set":       W' = W + scale * basis @ coeff
     stage "sequence":  W' = W + scale * basis @ (coeff + residual)
     inference:         W' = W + scale * basis @ (s_id * coeff + s_mot * residual)
 
 with basis (out, r) = the paper's A1, coeff (r, in) = B1, residual (r, in) = B2, scale = alpha / r.
-The basis is the OUTPUT-side factor (method.md DECISION), so it plays the role of a standard
+The basis is the OUTPUT-side factor (docs/method.md#decisions), so it plays the role of a standard
 LoRA's lora_B and coeff + residual the role of lora_A. The other reading of the paper, the basis
 on the INPUT side (basis_side="input": delta = scale * (coeff + residual) @ basis, basis (r, in),
 coeff and residual (out, r)), is kept as an option so eval.py can compare the two.
@@ -29,17 +29,19 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from model.files import atomic_path
+
 FORMAT_VERSION = 1
-BASIS_SIDES = ("output", "input")   # method.md DECISION: output (a file without the key is "output")
-# DropConnect probability per stage (method.md, Regularization 1: 0.8 in Set, 0.5 in Sequence).
+BASIS_SIDES = ("output", "input")   # docs/method.md#decisions: output (a file without the key is "output")
+# DropConnect probability per stage (docs/method.md#regularization 1: 0.8 in Set, 0.5 in Sequence).
 DEFAULT_DROP = {"set": 0.8, "sequence": 0.5, "eval": 0.0}
-# Every linear of every DiT block (method.md DECISION, as the common Wan LoRA trainers do).
+# Every linear of every DiT block (docs/method.md#decisions, as the common Wan LoRA trainers do).
 DEFAULT_TARGET_PATTERN = re.compile(r"blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.[02])")
 
 
 def drop_connect(weight: torch.Tensor, p: float) -> torch.Tensor:
     """Eq. 10: zero each ENTRY of the matrix with probability p, scale the rest by 1/(1-p)."""
-    # Inverted scaling keeps E[mask * w] = w, so inference uses the plain matrix (method.md DECISION).
+    # Inverted scaling keeps E[mask * w] = w, so inference uses the plain matrix (docs/method.md#decisions).
     # The mask comes from the global torch RNG of the weight's device: seeded once by the training
     # script, it is reproducible run to run, and a fresh mask is drawn on every forward.
     # That is dropout applied to the weight's entries instead of the activations (DropConnect, Wan et
@@ -67,7 +69,7 @@ class LoRALinear(nn.Module):
         self.basis = nn.Parameter(torch.zeros(out_dim, rank, device=device, dtype=fp32))
         self.coeff = nn.Parameter(torch.empty(rank, in_dim, device=device, dtype=fp32))
         self.residual = nn.Parameter(torch.zeros(rank, in_dim, device=device, dtype=fp32))
-        # The zero goes on the basis because it is the output-side factor (method.md DECISION), the
+        # The zero goes on the basis because it is the output-side factor (docs/method.md#decisions), the
         # place of a standard LoRA's zero lora_B: the delta is exactly 0 at init, yet the basis gets
         # a gradient at step 0 (it sees coeff @ x, coeff random): stage "set" starts exactly as a
         # standard LoRA (the single-stage baseline) does. The residual starts at zero too, so at the
@@ -81,7 +83,7 @@ class LoRALinear(nn.Module):
             self.coeff = nn.Parameter(torch.zeros(out_dim, rank, device=device, dtype=fp32))
             self.residual = nn.Parameter(torch.zeros(out_dim, rank, device=device, dtype=fp32))
             nn.init.kaiming_uniform_(self.basis, a=math.sqrt(5))
-        # Inference strengths of identity and motion (method.md, Inference); 1.0 while training.
+        # Inference strengths of identity and motion (docs/method.md#the-two-stages-and-inference); 1.0 while training.
         self.s_id = 1.0
         self.s_mot = 1.0
         # Set by set_stage(): which matrix DropConnect masks, and with which probability.
@@ -110,13 +112,16 @@ class LoRALinear(nn.Module):
         return self.scale * left @ right
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)                                        # (..., out), the frozen layer
+        y = self.base(x.to(self.base.weight.dtype))             # (..., out), the frozen layer
         # Two thin matmuls through the rank-r bottleneck instead of materializing W' (out, in).
         # The scale multiplies the rank-r bottleneck h, not the (..., out) output: the same product
         # with an r-wide elementwise pass instead of a full-width one (and its backward).
         left, right = self.factors()                            # (out, r), (r, in)
         h = self.scale * F.linear(x, right.to(x.dtype))         # (..., r)
-        return y + F.linear(h, left.to(x.dtype))                # (..., out)
+        delta = F.linear(h, left.to(x.dtype))                   # (..., out)
+        # The sum is taken in fp32: a trained delta is ~1e-3 of y, about bf16's rounding step, so
+        # y + delta in bf16 would lose much of it. So the output is fp32 even for a bf16 base.
+        return y.float() + delta.float()                        # (..., out) fp32
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, basis_side={self.basis_side}, stage={self.stage}, p={self.p}"
@@ -152,10 +157,15 @@ def inject(model: nn.Module, targets: list[str] | None = None, rank: int = 8,
         if type(modules[name]) is not nn.Linear:
             raise ValueError(f"inject: target {name!r} is a {type(modules[name]).__name__}, not an nn.Linear")
     for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        # setattr also works inside nn.Sequential (ffn.0): its children are named "0", "1", ...
-        setattr(model.get_submodule(parent_name), child, LoRALinear(modules[name], rank, alpha, basis_side))
+        replace_module(model, name, LoRALinear(modules[name], rank, alpha, basis_side))
     return targets
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` in place of the submodule at the full name `name`."""
+    parent_name, _, child = name.rpartition(".")
+    # setattr also works inside nn.Sequential (ffn.0): its children are named "0", "1", ...
+    setattr(model.get_submodule(parent_name), child, module)
 
 
 def set_stage(model: nn.Module, stage: str, p: float | None = None) -> None:
@@ -185,14 +195,18 @@ def set_stage(model: nn.Module, stage: str, p: float | None = None) -> None:
 
 @torch.no_grad()
 def merge(model: nn.Module) -> None:
-    """Fold every adapter into its base weight (W += delta at the current s_id / s_mot) and unwrap it."""
+    """Fold each adapter on an fp32 base into its weight (W += delta at the current s_id / s_mot), unwrap it.
+
+    Adapters on bf16 bases stay unmerged: a trained delta's entries (rms 4e-5 to 4e-4) lie near the
+    bf16 rounding step of W's (1.2e-4 for |w| ~ 2e-2), so W + delta in bf16 would lose 8-61% of it.
+    """
     # Inference only: the merged model runs at the base model's speed, and a second adapter can
     # then be injected and merged on top (several concepts at once, each with its own strengths).
     for name, m in lora_modules(model).items():
-        m.eval()  # no DropConnect in the merged delta
-        m.base.weight += m.delta_weight().to(m.base.weight.dtype)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, m.base)
+        if m.base.weight.dtype == torch.float32:
+            m.eval()  # no DropConnect in the merged delta
+            m.base.weight += m.delta_weight()
+            replace_module(model, name, m.base)
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -235,10 +249,8 @@ def save_adapter(path: str, model: nn.Module, meta: dict) -> None:
     # safetensors metadata is str -> str: every value is stored as JSON and decoded by load_adapter.
     metadata = {key: json.dumps(value) for key, value in {**header, **meta}.items()}
     tensors = {key: t.contiguous().cpu() for key, t in adapter_state_dict(model).items()}
-    # Write then rename: a crash mid-write never leaves a truncated file under the real name.
-    tmp = f"{path}.tmp"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:   # a crash mid-write never leaves a truncated file
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def load_adapter(path: str, model: nn.Module, base_model_id: str) -> dict:
@@ -278,3 +290,62 @@ def load_adapter(path: str, model: nn.Module, base_model_id: str) -> dict:
         for key, param in params.items():
             param.copy_(tensors[key])  # in place: an optimizer holding these tensors stays valid
     return meta
+
+
+# ---- adapter files as the scripts use them: inject what the file describes, then load it ----
+def read_adapter_meta(path: str) -> dict:
+    """The decoded metadata of an adapter file; a clear error for a missing or non-adapter file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"adapter {path} does not exist: train one with `python train.py --stage set` "
+                                "then `--stage sequence`, or omit --adapter")
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as error:  # safetensors raises its own error type for a file that is not one
+        raise ValueError(f"{path} is not a safetensors file ({error}); pass the adapter "
+                         "(<run-dir>/set.safetensors or sequence.safetensors), not the resume state") from None
+    meta = {key: json.loads(value) for key, value in raw.items()}
+    if "rank" not in meta or "targets" not in meta:
+        raise ValueError(f"{path} is not a Set-and-Sequence adapter (no rank/targets metadata); "
+                         "plain LoRA files are for ComfyUI/diffusers")
+    return meta
+
+
+def load_adapter_file(model: nn.Module, path: str, model_id: str) -> dict:
+    """Inject adapters shaped like the file's (rank, alpha, targets, basis side), then load it strictly."""
+    meta = read_adapter_meta(path)
+    missing = [t for t in meta["targets"] if t not in dict(model.named_modules())]
+    if missing:
+        raise ValueError(f"adapter {path} targets layers this model does not have ({missing[:3]}...): "
+                         f"it was trained for {meta.get('base_model_id')!r}, this model is {model_id!r}")
+    inject(model, meta["targets"], rank=meta["rank"], alpha=meta["alpha"], basis_side=meta.get("basis_side", "output"))
+    load_adapter(path, model, base_model_id=model_id)
+    return meta
+
+
+@torch.no_grad()
+def apply_adapters(model: nn.Module, paths: list[str], model_id: str, s_id: float, s_mot: float) -> list[dict]:
+    """Load each adapter strictly and apply it at strengths s_id / s_mot for inference; several stack.
+
+    fp32 layers merge each adapter before the next loads. bf16 layers keep them unmerged (see merge):
+    all adapters of a layer become one LoRALinear whose factors are theirs concatenated along the
+    rank, [l1 | l2] @ [r1 ; r2] = l1 @ r1 + l2 @ r2, with each scale and strength folded into l.
+    """
+    metas, unmerged = [], {}   # layer name -> (left (out, R), right (R, in)) of the adapters so far
+    for path in paths:
+        metas.append(load_adapter_file(model, path, model_id))
+        for m in lora_modules(model).values():
+            m.s_id, m.s_mot = s_id, s_mot   # W + s_id * basis@coeff + s_mot * basis@residual
+        merge(model)
+        for name, m in lora_modules(model).items():   # what merge left: set aside, so the next file can load
+            m.eval()
+            left, right = m.factors()
+            lefts, rights = unmerged.get(name, (left[:, :0], right[:0]))
+            unmerged[name] = torch.cat([lefts, m.scale * left], dim=1), torch.cat([rights, right])
+            replace_module(model, name, m.base)
+    for name, (left, right) in unmerged.items():
+        inject(model, [name], rank=left.shape[1], alpha=left.shape[1])   # scale 1: it is in left already
+        m = model.get_submodule(name).requires_grad_(False)
+        m.basis.copy_(left)                 # residual stays 0 and s_id = s_mot = 1: all is in the factors
+        m.coeff.copy_(right)
+    return metas

@@ -2,7 +2,7 @@
 WanConfig it describes; plus CheckpointError, the one error a bad checkpoint raises. No tensor is read
 here: model/loader.py checks and loads the weights.
 
-Layouts (wan.md section 8):
+Layouts (docs/wan.md#checkpoint-layouts):
   diffusers     model_index.json; transformer/ vae/ text_encoder/ tokenizer/ (weights single or sharded)
   original      config.json ("_class_name": "WanModel"), diffusion_pytorch_model*.safetensors,
                 Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/ (the tokenizer)
@@ -18,6 +18,7 @@ checkpoint lacks (sampling defaults, the original layout's VAE / umT5 configs) a
 rest. diffusers ignores it.
 """
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -195,3 +196,33 @@ def config_from_dit_shapes(shapes: dict[str, tuple[int, ...]], source: str) -> W
                               "14B (5120); pass model= its folder or a preset name")
     num_layers = len({match[1] for key in shapes if (match := re.match(r"blocks\.(\d+)\.", key))})
     return dataclasses.replace(preset, dit=dataclasses.replace(preset.dit, num_layers=num_layers))
+
+
+def weights_fingerprint(model: str | None, **files: str | None) -> str:
+    """A short hash that changes when any weight file of the model changes: caches key on it.
+
+    For each file (a folder's parts, or the single files given by name): its absolute path, size,
+    modification time and first 64 KiB (a safetensors header, with every tensor's name, dtype,
+    shape and offset). Two checkpoints with the same config, e.g. a fine-tuned 1.3B next to the
+    release, get different fingerprints; reading them costs no tensor data.
+    """
+    paths = [path for path in files.values() if path]
+    if model is not None and os.path.isdir(model):
+        paths += [path for part, path in read_folder(model)[1].items() if part not in files or not files[part]]
+    digest = hashlib.sha256(str(model).encode())
+    for path in sorted(set(paths)):
+        if path.endswith(".index.json"):     # a sharded part: the index and every shard it names
+            shards = set(read_json(path).get("weight_map", {}).values())
+            members = [path] + [os.path.join(os.path.dirname(path), shard) for shard in sorted(shards)]
+        elif os.path.isdir(path):            # a tokenizer folder
+            members = [os.path.join(path, name) for name in sorted(os.listdir(path))]
+        else:
+            members = [path]
+        for member in members:
+            if not os.path.isfile(member):
+                continue
+            stat = os.stat(member)
+            digest.update(f"{os.path.abspath(member)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+            with open(member, "rb") as f:
+                digest.update(f.read(1 << 16))
+    return digest.hexdigest()[:16]

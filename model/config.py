@@ -105,14 +105,6 @@ class WanConfig:
     guidance_scale: float = 5.0
     num_train_timesteps: int = 1000
     negative_prompt: str = WAN_NEGATIVE_PROMPT
-    # train.py's defaults for this model where they depend on it: the paper's values for Wan
-    # (method.md); the toy's were measured on the toy world (README, "The toy model").
-    lora_rank: int = 8                         # r (method.md: the paper ablates 1 and 8)
-    lora_lr: float = 1e-4
-    lora_text_mask: float = 0.1
-    lora_drop_set: float = 0.8                 # DropConnect on the coefficients in stage set
-    lora_drop_sequence: float = 0.5            # ... and on the residual in stage sequence
-    lora_prior_weight: float = 1.0
 
     def __post_init__(self):
         if self.dit.in_dim != self.vae.z_dim or self.dit.out_dim != self.vae.z_dim:
@@ -156,13 +148,5 @@ PRESETS: dict[str, WanConfig] = {
         fps=8, num_frames=17, height=64, width=64, sample_shift=2.0, sample_steps=25, guidance_scale=5.0,
         # CFG's unconditional branch is the empty caption the toy pretraining drops 10% of captions to;
         # Wan's Chinese negative prompt is out of the toy vocabulary (all <unk>) and skews colours.
-        negative_prompt="",
-        # LoRA training on a 128-wide model: Adam's steps of the paper's size (1e-4) move its layers
-        # far less than a 1536-wide Wan's, so the toy takes a larger rate; and at the paper's
-        # regularization strengths its adapters learn nothing in 600 + 900 steps (eval.py's
-        # `paper_reg` row), so it trains with weaker ones. At rank 8 the motion residual finds the
-        # held-out motion in 3 of 6 clips, at rank 32 (a quarter of the width) in all 6 (`rank8` row).
-        # The README shows both.
-        lora_rank=32, lora_lr=3e-3, lora_text_mask=0.0, lora_drop_set=0.3, lora_drop_sequence=0.2,
-        lora_prior_weight=0.25),
+        negative_prompt=""),
 }

@@ -1,11 +1,12 @@
 """The Wan2.1 text-to-video diffusion transformer (DiT), in plain PyTorch.
 
 Follows the original Wan2.1 `WanModel` (wan/modules/model.py), described in
-shared/reference/wan.md sections 1.2-1.5. Module and parameter names equal the original checkpoint
+docs/wan.md#dit. Module and parameter names equal the original checkpoint
 keys (blocks.N.self_attn.q, norm3, ffn.0, head.head, ...), so original and ComfyUI weights and LoRAs
 load without renaming. Where the original and diffusers differ numerically, this file follows the
 original: a float64 timestep sinusoid, fp32 modulation and an fp32 residual stream, and RoPE angles
-computed in float64.
+computed in float64. With bf16 weights, model/loader.py keeps the time MLPs, modulation tables, head
+and norms in fp32; forward casts each sublayer's input itself, so it runs with or without autocast.
 
 Shapes: B batch, C channels, F H W latent frames/height/width (after patchify the token grid is
 F x H/2 x W/2, written f h w), L = f*h*w video tokens, S text tokens (cfg.text_len after padding),
@@ -46,7 +47,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        # Scaled in fp32 and returned in x's dtype, whatever the weight's (fp32 under model/loader.py's policy).
+        return (normed * self.weight.float()).type_as(x)
 
 
 class LayerNormFP32(nn.LayerNorm):
@@ -59,7 +61,7 @@ class LayerNormFP32(nn.LayerNorm):
         return layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
 
 
-# ---- 3D rotary position embedding (wan.md 1.4) ----
+# ---- 3D rotary position embedding (docs/wan.md#3d-rope) ----
 def rope_angles(grid: tuple[int, int, int], rope_dims: tuple[int, int, int],
                 device: torch.device) -> Tensor:
     """Rotation angle of every (token, pair), float64 (L, d/2); pairs are laid out [t | h | w]."""
@@ -144,6 +146,8 @@ class SelfAttention(Attention):
         q = apply_rope(self.split_heads(self.norm_q(self.q(x))), rotation)  # (B, N, L, d)
         k = apply_rope(self.split_heads(self.norm_k(self.k(x))), rotation)  # (B, N, L, d)
         v = self.split_heads(self.v(x))                                     # (B, N, L, d)
+        # In x's dtype, the compute dtype: a projection with an adapter answers in fp32 (lora/lora.py).
+        q, k, v = q.to(x.dtype), k.to(x.dtype), v.to(x.dtype)
         out = scaled_dot_product_attention(q, k, v)  # non-causal, scale 1/sqrt(d); (B, N, L, d)
         return self.o(self.merge_heads(out))         # (B, L, D)
 
@@ -155,6 +159,7 @@ class CrossAttention(Attention):
         q = self.split_heads(self.norm_q(self.q(x)))        # (B, N, L, d)
         k = self.split_heads(self.norm_k(self.k(context)))  # (B, N, S, d)
         v = self.split_heads(self.v(context))               # (B, N, S, d)
+        q, k, v = q.to(x.dtype), k.to(x.dtype), v.to(x.dtype)  # as in SelfAttention
         out = scaled_dot_product_attention(q, k, v)         # (B, N, L, d)
         return self.o(self.merge_heads(out))                # (B, L, D)
 
@@ -178,17 +183,21 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x: Tensor, e0: Tensor, context: Tensor, rotation: Tensor) -> Tensor:
-        # x: (B, L, D) fp32 residual stream; e0: (B, 6, D) fp32; context: (B, S, D)
+        # x: (B, L, D) fp32 residual stream; e0: (B, 6, D) fp32; context: (B, S, D) in the compute dtype
         modulation = self.modulation.float() + e0  # (B, 6, D), in fp32 whatever the weight dtype
         (shift_msa, scale_msa, gate_msa,
          shift_mlp, scale_mlp, gate_mlp) = modulation.chunk(6, dim=1)  # each (B, 1, D)
+        # Norms and modulation run in fp32; each sublayer gets its input in the compute dtype, that of
+        # the text embedding's output (what bf16 autocast would cast it to anyway), so bf16 weights
+        # also run without autocast.
+        dtype = context.dtype
 
-        y = self.self_attn(self.norm1(x) * (1 + scale_msa) + shift_msa, rotation)  # (B, L, D)
+        y = self.self_attn((self.norm1(x) * (1 + scale_msa) + shift_msa).to(dtype), rotation)  # (B, L, D)
         x = x + y.float() * gate_msa  # gated adds stay in fp32, as in the original
 
-        x = x + self.cross_attn(self.norm3(x), context).float()  # no modulation, no gate
+        x = x + self.cross_attn(self.norm3(x).to(dtype), context).float()  # no modulation, no gate
 
-        y = self.ffn(self.norm2(x) * (1 + scale_mlp) + shift_mlp)  # (B, L, D)
+        y = self.ffn((self.norm2(x) * (1 + scale_mlp) + shift_mlp).to(dtype))  # (B, L, D)
         return x + y.float() * gate_mlp
 
 
@@ -254,6 +263,12 @@ class WanDiT(nn.Module):
         nn.init.zeros_(self.head.head.weight)
         # RMSNorm / LayerNorm weights stay 1 (and norm3's bias 0), from their constructors.
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the blocks' linears (model/loader.py keeps some small modules fp32 whatever it is)."""
+        # Under autocast the linears compute in the autocast dtype instead.
+        return self.patch_embedding.weight.dtype
+
     def patchify(self, x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
         """(B, C, F, H, W) latents -> (B, L, D) tokens in (f, h, w) row-major order, plus the grid."""
         x = self.patch_embedding(x)  # (B, D, f, h, w)
@@ -282,7 +297,7 @@ class WanDiT(nn.Module):
 
         # Time: e feeds the head, e0 = the 6 modulation vectors every block offsets. The original
         # computes both in fp32 even under bf16 autocast, so autocast is off here.
-        # (Each MLP then runs in its weights' dtype: fp32 unless a loader stored them in bf16.)
+        # (Each MLP then runs in its weights' dtype: fp32 under model/loader.py's precision policy.)
         with torch.autocast(x.device.type, enabled=False):
             sinusoid = timestep_sinusoid(t, self.cfg.freq_dim)                              # (B, freq_dim)
             e = self.time_embedding(sinusoid.to(self.time_embedding[0].weight.dtype)).float()  # (B, D)
@@ -292,9 +307,9 @@ class WanDiT(nn.Module):
         # Text: Wan has no cross-attention mask, so the zero rows up to text_len change the
         # output; pad here to exactly text_len, as the original does.
         context = pad(context, (0, 0, 0, self.cfg.text_len - S))  # (B, S=text_len, text_dim)
-        context = self.text_embedding(context)                     # (B, S, D)
+        context = self.text_embedding(context.to(self.compute_dtype))  # (B, S, D), in the compute dtype
 
-        x, grid = self.patchify(x)                # (B, L, D)
+        x, grid = self.patchify(x.to(self.compute_dtype))  # (B, L, D)
         x = x.float()                             # the residual stream is fp32 throughout
         cos, sin = self.rope(grid, x.device)      # each (L, d/2), cached per grid
         # One complex table per call, shared by every block (so backward saves it once): cos + i*sin.

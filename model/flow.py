@@ -1,6 +1,6 @@
 """Flow matching for Wan2.1: the training objective, the sigma grids and two samplers (Euler, UniPC).
 
-Conventions (wan.md section 5), used by every function here:
+Conventions (docs/wan.md#flow-matching-and-samplers), used by every function here:
   sigma in [0, 1] is the noise level: sigma = 0 is data, sigma = 1 is pure noise.
   x_sigma = (1 - sigma) * x0 + sigma * noise                                  (rectified flow)
   the model predicts the velocity v = noise - x0, so dx/dsigma = v and x0 = x_sigma - sigma * v.
@@ -39,7 +39,7 @@ def sample_train_sigmas(batch: int, generator: torch.Generator | None, *, shift:
     #   training code; they reuse the sampling shift so training sees the noise levels sampling visits).
     # - "logit_normal": sigmoid(N(0, 1)), which SD3 (Esser et al. 2024, section 3.1) found best of the
     #   distributions it compared; it favours mid noise, where the velocity is hardest to predict.
-    #   The Wan report is *said* to use it (wan.md section 5: not verified).
+    #   The Wan report is *said* to use it (docs/wan.md#flow-matching-and-samplers: not verified).
     # shift = 1 leaves either distribution as it is. A CPU generator gives the same draws on any device.
     if mode == "logit_normal":
         sigmas = torch.sigmoid(torch.randn(batch, generator=generator))
@@ -66,6 +66,17 @@ def flow_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
 
 
+def flow_matching_loss(dit, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
+                       context: torch.Tensor) -> torch.Tensor:
+    """The whole training objective (minRF's): per-sample loss (B,) of the DiT's velocity at x_sigma.
+
+    x0, noise: (B, C, F, H, W) fp32; sigmas (B,); context (B, S, D) in the DiT's compute dtype.
+    """
+    x_t = add_noise(x0, noise, sigmas)                                        # the straight path at sigma
+    pred = dit(x_t.to(context.dtype), sigmas * NUM_TRAIN_TIMESTEPS, context)  # velocity toward the noise
+    return flow_loss(pred, velocity_target(x0, noise))
+
+
 def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance v = v_u + g * (v_c - v_u), in fp32 like the original."""
     v_cond, v_uncond = v_cond.float(), v_uncond.float()
@@ -84,7 +95,7 @@ def unipc_sigmas(steps: int, shift: float) -> torch.Tensor:
     # The original scheduler keeps 1000 training sigmas 1 - linspace(1, 1/1000, 1000) in float32
     # and spaces its grid between their ends: float32(0.999) and 0. It never starts at sigma = 1,
     # where UniPC's log-SNR lambda = log((1 - sigma) / sigma) is -inf. (diffusers' use_flow_sigmas
-    # starts at 1 instead, a different grid: wan.md section 5.1.)
+    # starts at 1 instead, a different grid: docs/wan.md#sigma-grids.)
     sigma_max = torch.tensor(1 - 1 / NUM_TRAIN_TIMESTEPS, dtype=torch.float32).item()
     sigmas = torch.linspace(sigma_max, 0, steps + 1, dtype=torch.float64)[:-1]
     return torch.cat([shift_sigmas(sigmas, shift), sigmas.new_zeros(1)])
@@ -108,7 +119,7 @@ def sample_euler(velocity: Velocity, x: torch.Tensor, sigmas: torch.Tensor,
 
 # ---- UniPC (Zhao et al. 2023): multistep predictor-corrector on the data prediction x0 ----
 # Written for the flow schedule alpha = 1 - sigma, as the original Wan FlowUniPCMultistepScheduler
-# with solver_order=2, predict_x0, bh2, lower_order_final (wan.md section 5.2). It works in
+# with solver_order=2, predict_x0, bh2, lower_order_final (docs/wan.md#unipc). It works in
 # lambda = log(alpha / sigma), in which the ODE for x has an exact linear part; only the data
 # prediction m = x - sigma * v is extrapolated. Scalars are float64, tensors fp32.
 

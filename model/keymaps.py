@@ -5,7 +5,7 @@ Our module names are the ORIGINAL Wan names (blocks.N.self_attn.q, norm3, ffn.0,
 original and ComfyUI checkpoints and most LoRAs use them (STYLE.md principle 10). diffusers
 (WanTransformer3DModel, AutoencoderKLWan) and transformers (UMT5EncoderModel) name the same tensors
 differently: three tables of (ours, reference) key templates, read in both directions
-(shared/reference/wan.md section 2). model/loader.py reads with them, model/save.py writes with them,
+(docs/wan.md#key-names). model/loader.py reads with them, model/save.py writes with them,
 lora/export.py names diffusers LoRA targets with DIT_KEYS. For example:
 
   DIT_KEYS.to_ours("blocks.3.attn2.to_out.0.weight")             -> "blocks.3.cross_attn.o.weight"
@@ -53,7 +53,7 @@ class KeyMap:
         raise KeyError(f"no rule maps our key {key!r} to a {self.reference} key")
 
 
-# DiT (wan.md 2.1). The original's parameter-free norm1/norm2/head.norm have no keys.
+# DiT (docs/wan.md#key-names). The original's parameter-free norm1/norm2/head.norm have no keys.
 DIT_KEYS = KeyMap("diffusers WanTransformer3DModel", [
     ("patch_embedding.*", "patch_embedding.*"),
     ("text_embedding.0.*", "condition_embedder.text_embedder.linear_1.*"),
@@ -74,7 +74,7 @@ DIT_KEYS = KeyMap("diffusers WanTransformer3DModel", [
     ("head.head.*", "proj_out.*"),
 ])
 
-# Wan-VAE (wan.md 2.2). A residual block is one Sequential [norm, SiLU, conv, norm, SiLU, Dropout, conv].
+# Wan-VAE (docs/wan.md#key-names). A residual block is one Sequential [norm, SiLU, conv, norm, SiLU, Dropout, conv].
 _VAE_RESIDUAL = [("residual.0.gamma", "norm1.gamma"), ("residual.2.*", "conv1.*"),
                  ("residual.3.gamma", "norm2.gamma"), ("residual.6.*", "conv2.*"), ("shortcut.*", "conv_shortcut.*")]
 _VAE_RESAMPLE = [("resample.1.*", "resample.1.*"), ("time_conv.*", "time_conv.*")]
@@ -106,7 +106,7 @@ def vae_keys(num_res_blocks: int = 2, num_stages: int = 4) -> KeyMap:
     return KeyMap("diffusers AutoencoderKLWan", rules)
 
 
-# umT5 encoder (wan.md 2.3): layer.0 is the self-attention sublayer, with its own relative-bias table
+# umT5 encoder (docs/wan.md#key-names): layer.0 is the self-attention sublayer, with its own relative-bias table
 # in umT5; layer.1 is the gated FFN. ComfyUI's umT5 files use these transformers names too.
 T5_KEYS = KeyMap("transformers UMT5EncoderModel", [
     ("token_embedding.weight", "shared.weight"),

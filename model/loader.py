@@ -32,6 +32,10 @@ from model.text_encoder import Tokenizer, UMT5Encoder
 from model.vae import WanVAE
 
 
+# The --dtype flag of the scripts: the storage / autocast dtype of the DiT's linears and of the umT5.
+# No fp16: Wan is trained and run in bf16, and fp16's range overflows in T5 encoders (transformers
+# keeps T5's `wo` in fp32 for that). fp16 checkpoint files still load, cast on load.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PART_NAMES = {"dit": "DiT", "vae": "VAE", "text": "umT5 text encoder"}   # load_wan's parts=, as errors name them
 
 
@@ -113,6 +117,29 @@ class WeightFile:
                     except (SafetensorError, RuntimeError, OSError) as error:
                         raise CheckpointError(f"{file} is truncated or corrupt ({error}); re-download it") from error
                     yield key, tensor
+
+
+# ---- precision policy: which tensor load_wan stores in which dtype ----
+# dtype= sets the DiT and the umT5 (run in bf16 by the original), vae_dtype= the VAE (fp32 unless asked).
+# Some DiT modules stay fp32 whatever dtype= says, as in the original Wan code (which runs them in
+# fp32 under autocast) and diffusers' WanTransformer3DModel._keep_in_fp32_modules: the time embedding
+# and projection, the modulation tables, the head and the norms. They hold about 1% of the weights,
+# but every block reads them: bf16's 8-bit mantissa would shift every shift/scale/gate vector.
+# Each is the start of a dotted component of our key names: blocks.3.modulation, blocks.3.self_attn.norm_q.weight.
+DIT_FP32_MODULES = ("time_embedding", "time_projection", "modulation", "head", "norm")
+
+
+def storage_dtype(part: str, key: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which tensor `key` (our name) of `part` is stored when the part is loaded in `dtype`."""
+    if part == "dit" and any(name.startswith(DIT_FP32_MODULES) for name in key.split(".")):
+        return torch.float32
+    return dtype
+
+
+def _check_dtype(dtype: torch.dtype, what: str) -> None:
+    if dtype not in DTYPES.values():
+        raise ValueError(f"{what}={dtype} is not one of {list(DTYPES.values())} (fp16 checkpoint files "
+                         "load in either: they are cast on load)")
 
 
 # ---- load_wan ----
@@ -212,11 +239,15 @@ def _plan(part: str, weights: WeightFile, cfg: WanConfig) -> _Plan:
 
 
 def _load(plan: _Plan, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
-    """Read the checked tensors one by one (cast right away: peak memory ~ the result) and assign them."""
+    """Read the checked tensors one by one (cast right away to the policy's dtype: peak memory ~ the
+    result) and assign them."""
     owner = {key: ours for ours, keys in plan.sources.items() for key in keys}
     state = {}
     for key, tensor in plan.weights.read(list(owner)):
-        tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        if tensor.is_floating_point():
+            tensor = tensor.to(device=device, dtype=storage_dtype(plan.part, owner[key], dtype))
+        else:
+            tensor = tensor.to(device=device)
         if owner[key] in state:   # a tied twin (umT5 shared / encoder.embed_tokens): both must agree
             if not torch.equal(state[owner[key]], tensor):
                 raise CheckpointError(f"{plan.weights.path}: {key} differs from its tied twin "
@@ -244,13 +275,17 @@ def load_part(part: str, path: str, cfg: WanConfig, device="cpu", dtype=torch.fl
     """One module ("dit", "vae" or "text": the umT5 alone) from a weight file or index, checked against cfg."""
     if part not in PART_NAMES:
         raise ValueError(f"load_part: unknown part {part!r}; choose from {list(PART_NAMES)}")
+    _check_dtype(dtype, "load_part: dtype")
     return _load(_plan(part, WeightFile(path, part), cfg), device, dtype)
 
 
 def load_wan(model: str | None, parts=("dit", "vae", "text"), device="cpu", dtype=torch.float32,
              dit: str | None = None, vae: str | None = None, text_encoder: str | None = None,
-             tokenizer: str | None = None) -> WanModels:
+             tokenizer: str | None = None, vae_dtype=torch.float32) -> WanModels:
     """Load the requested parts ("dit", "vae", "text" = umT5 + tokenizer) of a Wan2.1 T2V model.
+
+    dtype: the DiT's and umT5's (fp32 or bf16; a few DiT modules stay fp32: DIT_FP32_MODULES);
+    vae_dtype: the VAE's, fp32 by default as in the original.
 
     model: a PRESETS name (then every part comes from a file below), a diffusers or original-layout
     folder (one named like a preset: write ./name), or None (the config of the dit= file's release;
@@ -259,6 +294,8 @@ def load_wan(model: str | None, parts=("dit", "vae", "text"), device="cpu", dtyp
     """
     if unknown := set(parts) - set(PART_NAMES):
         raise ValueError(f"load_wan: unknown parts {sorted(unknown)}; choose from {list(PART_NAMES)}")
+    _check_dtype(dtype, "load_wan: dtype")
+    _check_dtype(vae_dtype, "load_wan: vae_dtype")
     overrides = {"dit": dit, "vae": vae, "text": text_encoder, "tokenizer": tokenizer}
     flags = {"dit": "dit", "vae": "vae", "text": "text_encoder", "tokenizer": "tokenizer"}
     paths = {}
@@ -292,7 +329,7 @@ def load_wan(model: str | None, parts=("dit", "vae", "text"), device="cpu", dtyp
     text_tokenizer = _open_tokenizer(paths.get("tokenizer"), cfg) if "text" in parts else None
 
     # Everything checked: now read the tensors.
-    loaded = {plan.part: _load(plan, device, dtype) for plan in plans}
+    loaded = {plan.part: _load(plan, device, vae_dtype if plan.part == "vae" else dtype) for plan in plans}
     return WanModels(cfg, wan_model_id(cfg), loaded.get("dit"), loaded.get("vae"), loaded.get("text"),
                      text_tokenizer)
 

@@ -2,8 +2,8 @@
 
 The folder is the layout model/loader.py reads and diffusers' WanPipeline.from_pretrained loads: each
 part's weights under the reference's key names (model/keymaps.py), the diffusers / transformers config
-files written from our WanConfig (field names as in shared/reference/wan.md sections 1.1, 3.1 and 4.1),
-the tokenizer's sentencepiece model and configs, a UniPC scheduler config (wan.md 5), and our
+files written from our WanConfig (docs/wan.md#presets),
+the tokenizer's sentencepiece model and configs, a UniPC scheduler config (docs/wan.md#sigma-grids), and our
 wan_config.json (model/checkpoint.py), which diffusers ignores.
 """
 import dataclasses
@@ -56,7 +56,7 @@ def _diffusers_configs(cfg: WanConfig, tokenizer: Tokenizer, dtype: str) -> dict
             "is_gated_act": True, "is_encoder_decoder": True, "tie_word_embeddings": False, "dropout_rate": 0.1,
             "pad_token_id": tokenizer.pad_id, "eos_token_id": tokenizer.eos_id, "decoder_start_token_id": 0,
             "tokenizer_class": "T5Tokenizer", "dtype": dtype},
-        # Wan's sampler (wan.md 5): UniPC on flow-matching sigmas, shifted by the model's sample_shift.
+        # Wan's sampler (docs/wan.md#flow-matching-and-samplers): UniPC on flow-matching sigmas, shifted by the model's sample_shift.
         "scheduler/scheduler_config.json": {
             "_class_name": "UniPCMultistepScheduler", **version, "num_train_timesteps": cfg.num_train_timesteps,
             "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": cfg.sample_shift,

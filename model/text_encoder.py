@@ -5,7 +5,7 @@ numerically the transformers `UMT5EncoderModel` encoder. Parameter names are the
 (`models_t5_umt5-xxl-enc-bf16.pth`); transformers names are mapped in model/keymaps.py.
 umT5 differs from the classic T5 encoder in one way: every layer owns its relative-position bias table.
 The tokenizer reproduces transformers' T5Tokenizer with sentencepiece alone, plus Wan's prompt cleaning,
-padding and truncation (wan.md 4.3-4.4).
+padding and truncation (docs/wan.md#tokenizer).
 
 Shapes: B batch, S text tokens (= text_len once padded), D model width (4096), N heads, d head dim (64).
 """
@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import sys
 
 import sentencepiece as spm
 import torch
@@ -218,6 +219,8 @@ class Tokenizer:
         for row, prompt in enumerate(prompts):
             tokens = self.encode(clean_prompt(prompt))
             if len(tokens) > self.text_len:                 # truncate the text but keep </s> last
+                print(f"warning: the prompt {prompt!r} is {len(tokens)} tokens, the text encoder reads "
+                      f"{self.text_len}: the rest is cut", file=sys.stderr)
                 tokens = tokens[:self.text_len - 1] + [self.eos_id]
             ids[row, :len(tokens)] = torch.tensor(tokens)
             mask[row, :len(tokens)] = 1                     # by length: a literal "<pad>" in a prompt is real

@@ -4,7 +4,7 @@ A video of T = 4k+1 frames in [-1, 1] becomes a latent with 4x fewer frames, 8x 
 z_dim = 16 channels. Frame 0 is encoded alone (so an image is a 1-frame video), then every group of 4
 frames becomes one latent frame. All temporal convolutions are causal, so the model runs chunk by chunk
 and carries only the last input frames of each causal layer in an explicit `CausalCache`: memory is
-bounded by one chunk whatever the video length (wan.md 3.3).
+bounded by one chunk whatever the video length (docs/wan.md#chunked-encode-and-decode).
 
 Parameter names equal the original checkpoint (Wan2.1_VAE.pth): `encoder.downsamples.3.residual.2.weight`,
 `decoder.upsamples.7.time_conv.bias`, ... The diffusers `AutoencoderKLWan` names are mapped in

@@ -1,4 +1,4 @@
-"""Tests for data.py: reading any clip to Wan's size, writing videos atomically, caches, stage batches.
+"""Tests for video.py and data.py: reading any clip to Wan's size, writing videos atomically, caches, stage batches.
 
 Test clips are drawn here with av: frame i has a flat grey background of level 20 + 5 i (so the
 source index of any output frame can be read back despite compression) and a red square moving right.
@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import data
+import video as video_io
+from model.files import WriteError
 
 H0, W0, N0, FPS0 = 80, 96, 40, 24            # the standard test clip: 80x96, 40 frames at 24 fps
 
@@ -31,7 +33,7 @@ def _source_index(video: torch.Tensor) -> list[int]:
 
 
 def _write_clip(path, codec: str, count: int = N0, fps: int = FPS0, times_ms: list[int] | None = None):
-    """Encode a test clip with av (not with data.write_video, so reading is tested on its own)."""
+    """Encode a test clip with av (not with video_io.write_video, so reading is tested on its own)."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = W0, H0, "yuv420p"
@@ -72,7 +74,7 @@ def clips(tmp_path_factory):
         _write_clip(paths[name], codec)
     paths["gif"] = root / "clip.gif"
     frames = torch.stack([torch.from_numpy(_picture(i)).permute(2, 0, 1) for i in range(N0)]) / 127.5 - 1
-    data.write_video(paths["gif"], frames, FPS0)
+    video_io.write_video(paths["gif"], frames, FPS0)
     paths["folder"] = root / "frames"
     _write_frame_folder(paths["folder"], N0)
     return paths
@@ -83,7 +85,7 @@ def clips(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["mp4", "mov", "mkv", "vp8.webm", "vp9.webm", "gif", "folder"])
 def test_read_every_format(clips, kind):
     """Every input kind reads to (T, 3, H, W) float in [-1, 1] with source frames 0..T-1 at the source fps."""
-    video = data.read_video(clips[kind], FPS0, 64, 64, 17)
+    video = video_io.read_video(clips[kind], FPS0, 64, 64, 17)
     assert video.shape == (17, 3, 64, 64) and video.dtype == torch.float32
     assert video.min() >= -1 and video.max() <= 1
     assert _source_index(video) == list(range(17))
@@ -92,7 +94,7 @@ def test_read_every_format(clips, kind):
 @pytest.mark.parametrize("fps, num_frames", [(10, 17), (30, 29), (16, 25)])
 def test_fps_resampling_picks_nearest_frame(clips, fps, num_frames):
     """Output frame k is the source frame nearest to time k / fps (24 fps source, down and up)."""
-    video = data.read_video(clips["mp4"], fps, 64, 64, num_frames)
+    video = video_io.read_video(clips["mp4"], fps, 64, 64, num_frames)
     expected = [round(k * FPS0 / fps + 1e-9) if fps != 16 else int(k * 1.5) for k in range(num_frames)]
     assert _source_index(video) == expected      # at 16 fps, odd k ties halfway: the earlier frame wins
 
@@ -101,7 +103,7 @@ def test_variable_frame_rate_uses_timestamps(tmp_path):
     """With irregular timestamps (and a clip starting at 0.5 s) frames are picked by time, not by index."""
     times_ms = [500, 520, 560, 700, 710, 900, 1000, 1010, 1300]
     _write_clip(tmp_path / "vfr.mkv", "libx264", times_ms=times_ms)
-    video = data.read_video(tmp_path / "vfr.mkv", 10, 64, 64, 9)
+    video = video_io.read_video(tmp_path / "vfr.mkv", 10, 64, 64, 9)
     seconds = (torch.tensor(times_ms) - 500) / 1000
     expected = [int((seconds - k / 10).abs().argmin()) for k in range(9)]
     assert _source_index(video) == expected == [0, 2, 3, 4, 5, 6, 7, 8, 8]
@@ -109,35 +111,35 @@ def test_variable_frame_rate_uses_timestamps(tmp_path):
 
 def test_folder_natural_order_at_target_fps(clips):
     """A folder is read in natural name order, one image per frame whatever the fps asked for."""
-    video = data.read_video(clips["folder"], 8, 64, 64, 13)
+    video = video_io.read_video(clips["folder"], 8, 64, 64, 13)
     assert _source_index(video) == list(range(13))
 
 
 @pytest.mark.parametrize("height, width", [(64, 64), (48, 96), (112, 128), (80, 32)])
 def test_read_resizes_to_any_multiple_of_16(clips, height, width):
     """Any size that is a multiple of 16, smaller or larger than the source, comes out exactly."""
-    assert data.read_video(clips["mp4"], FPS0, height, width, 5).shape == (5, 3, height, width)
+    assert video_io.read_video(clips["mp4"], FPS0, height, width, 5).shape == (5, 3, height, width)
 
 
 def test_resize_keeps_aspect_and_crops_center():
     """A 2:1 image cropped to a square keeps the middle half, unstretched; portrait crops rows."""
     wide = torch.zeros(3, 64, 128)
     wide[:, :, :32], wide[:, :, 96:] = -1.0, 1.0   # outer quarters marked, middle half zero
-    square = data.resize_and_crop(wide, 32, 32)
+    square = video_io.resize_and_crop(wide, 32, 32)
     assert square.shape == (3, 32, 32)
     torch.testing.assert_close(square[:, :, 1:-1], torch.zeros(3, 32, 30), atol=1e-6, rtol=0)
     tall = wide.transpose(1, 2)                    # (3, 128, 64)
-    torch.testing.assert_close(data.resize_and_crop(tall, 32, 32), square.transpose(1, 2))
+    torch.testing.assert_close(video_io.resize_and_crop(tall, 32, 32), square.transpose(1, 2))
     exact = torch.rand(3, 40, 80)                  # same aspect as the target: a plain resize, no crop
-    torch.testing.assert_close(data.resize_and_crop(exact, 16, 32),
+    torch.testing.assert_close(video_io.resize_and_crop(exact, 16, 32),
                                F.interpolate(exact[None], size=(16, 32), mode="bilinear", antialias=True)[0])
 
 
 # ----------------------------------------------------------------------------- read errors
 
 def _error(path, fps=16, height=64, width=64, num_frames=17) -> str:
-    with pytest.raises(data.VideoError) as info:
-        data.read_video(path, fps, height, width, num_frames)
+    with pytest.raises(video_io.VideoError) as info:
+        video_io.read_video(path, fps, height, width, num_frames)
     return str(info.value)
 
 
@@ -213,16 +215,16 @@ def _grey_frames(count: int = 9) -> torch.Tensor:
 def test_write_read_round_trip(tmp_path, name, lossless, atol):
     """What write_video writes, read_video reads back: same frames, within a few grey levels."""
     frames = _grey_frames()
-    data.write_video(tmp_path / name, frames, 16, lossless=lossless)
-    back = data.read_video(tmp_path / name, 16, 32, 48, 9)
+    video_io.write_video(tmp_path / name, frames, 16, lossless=lossless)
+    back = video_io.read_video(tmp_path / name, 16, 32, 48, 9)
     torch.testing.assert_close(back, frames, atol=atol / 127.5 + 1e-6, rtol=0)
     assert os.listdir(tmp_path) == [name]          # no temp file left behind
 
 
 def test_write_invalid_frames_leaves_nothing(tmp_path):
     """A frame array of the wrong layout is refused before any file is created."""
-    with pytest.raises(data.VideoError, match=r"\(T, 3, H, W\)"):
-        data.write_video(tmp_path / "out.mp4", torch.zeros(9, 32, 48, 3, dtype=torch.uint8), 16)
+    with pytest.raises(video_io.VideoError, match=r"\(T, 3, H, W\)"):
+        video_io.write_video(tmp_path / "out.mp4", torch.zeros(9, 32, 48, 3, dtype=torch.uint8), 16)
     assert os.listdir(tmp_path) == []
 
 
@@ -230,34 +232,41 @@ def test_write_failing_midway_keeps_old_file(tmp_path, monkeypatch):
     """When encoding fails after some frames, the old target is untouched and no temp file remains."""
     target = tmp_path / "out.mp4"
     target.write_bytes(b"previous video")
-    real = data._uint8_frames
+    real = video_io._uint8_frames
 
     def fail_after_three(frames):
         for i, rgb in enumerate(real(frames)):
             if i == 3:
                 raise RuntimeError("encoder died")
             yield rgb
-    monkeypatch.setattr(data, "_uint8_frames", fail_after_three)
+    monkeypatch.setattr(video_io, "_uint8_frames", fail_after_three)
     for name in ("out.mp4", "out.gif"):
         with pytest.raises(RuntimeError, match="encoder died"):
-            data.write_video(tmp_path / name, _grey_frames(), 16)
+            video_io.write_video(tmp_path / name, _grey_frames(), 16)
     assert target.read_bytes() == b"previous video" and os.listdir(tmp_path) == ["out.mp4"]
 
 
 def test_write_to_unwritable_folder(tmp_path):
-    """An output path under a regular file (unwritable even for root) raises a VideoError naming the fix."""
+    """An output path under a regular file (unwritable even for root) raises a WriteError naming the fix."""
     (tmp_path / "file.txt").write_text("a file, not a folder")
-    with pytest.raises(data.VideoError, match="not a writable folder"):
-        data.write_video(tmp_path / "file.txt" / "out.mp4", _grey_frames(), 16)
+    with pytest.raises(WriteError, match="not a writable folder"):
+        video_io.write_video(tmp_path / "file.txt" / "out.mp4", _grey_frames(), 16)
 
 
 # ----------------------------------------------------------------------------- caches
 
-class CountingVAE:
-    """Stand-in with Wan-VAE shapes: frame 0 alone, then 4:1 in time, 8:1 in space; counts encode calls."""
+class CountingVAE(torch.nn.Module):
+    """Stand-in with Wan-VAE shapes: frame 0 alone, then 4:1 in time, 8:1 in space; counts encode calls
+    and how often it was loaded (called as the loader)."""
 
     def __init__(self):
-        self.calls = 0
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))      # its dtype is the pixels' dtype
+        self.calls = self.loads = 0
+
+    def __call__(self):                                      # the loader cache_latents calls on a miss
+        self.loads += 1
+        return self
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:   # (B, 3, T, H, W) -> (B, 3, F, H/8, W/8)
         self.calls += 1
@@ -274,7 +283,7 @@ def test_cache_latents_encodes_once(clips, tmp_path):
     assert first.frames.shape == (17, 3, 1, 8, 8) and first.clip.shape == (3, 5, 8, 8)
     torch.testing.assert_close(first.frames[0, :, 0], first.clip[:, 0])  # causal: frame 0 is encoded alone
     again = data.cache_latents(clips["mp4"], vae, cache, FPS0, 64, 64, 17, "toy")
-    assert vae.calls == 18
+    assert vae.calls == 18 and vae.loads == 1                  # a hit does not even load the VAE
     torch.testing.assert_close(again.frames, first.frames)
     torch.testing.assert_close(again.clip, first.clip)
     assert os.listdir(tmp_path) == ["latents.safetensors"]

@@ -1,4 +1,4 @@
-"""eval.py: the job plan, the composition scene, the metrics and the README section (no training here)."""
+"""eval.py: the job plan, the composition scene, the metrics and the results section of docs/results.md (no training here)."""
 import pytest
 
 import eval as evaluation
@@ -47,20 +47,20 @@ def test_metrics_are_perfect_on_true_renders_and_poor_on_black_clips():
     assert blank["id"] < 0.1 and blank["motion"] < 0.1 and blank["mse"] > 0.01
 
 
-def test_table_and_readme_section(tmp_path, monkeypatch):
+def test_table_and_results_section(tmp_path, monkeypatch):
     job = evaluation.Job("x", (next(iter(CONCEPTS)),), 0, (), ())
     rows = rows_for(evaluation.prompts_of(job), render=True)
     results = [{"rows": [{**r, "variant": "ours", "seed": seed} for r in rows]} for seed in (0, 1)]
     table, summary = evaluation.tabulate(results, ["ours", "single"])
     assert list(summary) == ["ours"] and "`ours`" in table and "| 1.000 ± 0.000 |" in table
-    readme = tmp_path / "README.md"
+    readme = tmp_path / "results.md"
     readme.write_text(f"intro\n{evaluation.BEGIN}\nold\n{evaluation.END}\nrest\n")
-    monkeypatch.setattr(evaluation, "README", str(readme))
-    evaluation.write_readme("new table")
+    monkeypatch.setattr(evaluation, "RESULTS", str(readme))
+    evaluation.write_results("new table")
     assert readme.read_text() == f"intro\n{evaluation.BEGIN}\nnew table\n{evaluation.END}\nrest\n"
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="no <!-- eval:begin -->"):
-        evaluation.write_readme("x")
+        evaluation.write_results("x")
     evaluation.plot_svg(summary, str(tmp_path / "plot.svg"))
     assert (tmp_path / "plot.svg").read_text().startswith("<svg")
 

@@ -82,7 +82,7 @@ def test_unipc_matches_diffusers(steps, shift):
 
 
 def test_unipc_grid_is_the_original():
-    """N=50, shift=5 gives the original Wan timesteps 999, 995, ... 172, 92 (wan.md 5.1)."""
+    """N=50, shift=5 gives the original Wan timesteps 999, 995, ... 172, 92 (docs/wan.md#sigma-grids)."""
     sigmas = unipc_sigmas(50, 5.0)
     assert len(sigmas) == 51 and sigmas[-1] == 0 and (sigmas.diff() < 0).all()
     t = (sigmas[:-1] * 1000).long().tolist()

@@ -390,7 +390,7 @@ def test_export_matches_diffusers_lora_loaders(tmp_path):
         assert (our_out - their_out).abs().max() <= 1e-5 * their_out.abs().max(), fmt
 
 
-# ---- where the basis sits (method.md DECISION: output; input kept for eval.py's comparison) ----
+# ---- where the basis sits (docs/method.md#decisions: output; input kept for eval.py's comparison) ----
 @SIDES
 def test_forward_is_base_plus_the_delta_in_the_basis_span(side):
     """y = W x + delta x, and delta's columns (output side) or rows (input side) lie in the basis' span."""

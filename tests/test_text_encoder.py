@@ -90,7 +90,7 @@ def test_encoder_bf16_at_least_as_accurate_as_transformers(tiny_pair):
 
 
 def test_relative_position_bucket_matches_transformers():
-    """Our bucketing equals HF's on offsets -600..600 and the spec examples (wan.md 4.2)."""
+    """Our bucketing equals HF's on offsets -600..600 and the spec examples (docs/wan.md#relative-position-buckets)."""
     cfg = hf_config(PRESETS["tiny"].t5)
     rel = torch.arange(-600, 601)
     expected = UMT5Attention(cfg, has_relative_attention_bias=True)._relative_position_bucket(rel)

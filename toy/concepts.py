@@ -2,7 +2,7 @@
 
 Each concept is a held-out appearance doing a held-out motion (toy/world.py, HELD_OUT), named by a
 rare identity token [v] and motion token [u] that replace exactly the held-out words, so its
-prompts read like the captions the toy model was trained on (method.md: "a [v] man ... [u] motion").
+prompts read like the captions the toy model was trained on (docs/method.md: "a [v] man ... [u] motion").
 Its edits keep the tokens and change one thing: the background, a second sprite, or the motion word.
 """
 from dataclasses import dataclass, replace

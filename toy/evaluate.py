@@ -29,7 +29,7 @@ from tqdm import tqdm
 from model import flow
 from model.loader import WanModels, load_wan
 from model.text_encoder import encode_prompts
-from sample import latent_shape
+from model.pipeline import latent_shape
 from toy import oracle, world
 
 METRICS = ("background_ok", "colour_ok", "motion_ok", "shape_ok", "pattern_ok", "identity_score", "motion_score")

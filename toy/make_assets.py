@@ -5,14 +5,14 @@
 Each concept of `concepts.CONCEPTS` (a held-out look doing a held-out motion) becomes one 17-frame,
 8 fps, 64x64 clip, the toy counterpart of the paper's single input video. The mp4 is lossless
 h264 (yuv444p, qp 0) so the colours survive; the gif is a preview. Every mp4 is read back the
-way training reads it (data.read_video) and must still score as its scene by the oracle, so a
+way training reads it (video.read_video) and must still score as its scene by the oracle, so a
 codec setting that shifts colours fails here and not in a training run.
 """
 import argparse
 import json
 import os
 
-from data import read_video, write_video
+from video import read_video, write_video
 from toy import concepts, oracle, world
 
 

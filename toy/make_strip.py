@@ -13,9 +13,11 @@ import os
 
 import torch
 
-import sample
-from data import read_video, write_video
-from toy import oracle, world
+from video import read_video, write_video
+from lora.lora import apply_adapters
+from model.loader import load_wan
+from model.pipeline import generate_videos
+from toy import TOY_MODEL, oracle, world
 from toy.concepts import CONCEPTS
 
 
@@ -39,7 +41,9 @@ def main(args: argparse.Namespace) -> None:
             clip = read_video(os.path.join("assets", f"{concept.name}.mp4"), world.FPS, world.FRAME_SIZE,
                               world.FRAME_SIZE, world.NUM_FRAMES)                          # (T, 3, H, W)
         else:
-            clip = sample.generate_videos(args.model, [adapters[stage]], [prompt], args.seed)[0].transpose(0, 1)
+            models = load_wan(args.model)
+            apply_adapters(models.dit, [adapters[stage]], models.model_id, s_id=1.0, s_mot=1.0)
+            clip = generate_videos(models, [prompt], args.seed)[0].transpose(0, 1)            # (T, 3, H, W)
         result = oracle.score(clip, scene)
         print(f"{title:22s} identity {result['identity_score']:.3f}  motion {result['motion_score']:.3f}  "
               f"background {result['background']}  {prompt or ''}")
@@ -55,7 +59,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concept", default=next(iter(CONCEPTS)), choices=list(CONCEPTS))
     parser.add_argument("--run-dir", help="folder with set.safetensors and sequence.safetensors (default runs/<concept>)")
-    parser.add_argument("--model", default=sample.DEFAULT_MODEL)
+    parser.add_argument("--model", default=TOY_MODEL, help="the base model (default: the toy model)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed of every sampled panel")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="output .gif (default assets/strip_<concept>.gif)")

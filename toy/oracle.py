@@ -31,6 +31,7 @@ MIN_SHARE = 0.25           # a colour names a sprite when it covers this share o
 BALANCE_SHARE = 0.25       # each colour of a pattern covers >= 25% of a true render; below that it fades
 MOTION_TOLERANCE = 0.1     # mean trajectory error (frame units, ~6 px) at which the motion score reaches 0
 CROP = 32                  # shapes are compared on a CROP x CROP grid over their bounding box
+HALF_COVERED = 0.5 - 0.5 / world.SUPERSAMPLE ** 2   # 15/32: half coverage, between a render's coverage steps
 NAMED_COLOURS = world.SPRITE_COLOURS
 
 
@@ -50,6 +51,12 @@ def _palette(names: tuple[str, ...]) -> torch.Tensor:
     return torch.tensor([world.COLOURS[n] for n in names], dtype=torch.float32) / 255   # (len, 3)
 
 
+def _distances(pixels: torch.Tensor, palette: torch.Tensor) -> torch.Tensor:
+    """(P, 3), (K, 3) -> (P, K) RGB distances, from differences: cdist's default matrix-product route
+    loses ~1e-4 near zero, and how much depends on the CPU's BLAS."""
+    return torch.cdist(pixels, palette, compute_mode="donot_use_mm_for_euclid_dist")
+
+
 # ----------------------------------------------------------------------------- background and sprite pixels
 
 def fit_background(video: torch.Tensor, keep: float = 0.6, rounds: int = 4) -> torch.Tensor:
@@ -57,19 +64,22 @@ def fit_background(video: torch.Tensor, keep: float = 0.6, rounds: int = 4) -> t
 
     Trimmed least squares: fit, keep the `keep` share of pixels that fit best, refit. Sprites
     cover well under 40% of a frame, so the kept pixels end up all background. Every second
-    pixel of each row and column is plenty for three numbers per channel.
+    pixel of each row and column is plenty for three numbers per channel. The fit runs in float64:
+    a float32 fit is off by ~1e-5 in a way that differs between LAPACK builds and CPUs, while the
+    float64 one lands on the same float32 plane everywhere (on a solid colour, exactly that colour).
     """
     T, H, W, _ = video.shape
-    y, x = torch.meshgrid((torch.arange(H) + 0.5) / H, (torch.arange(W) + 0.5) / W, indexing="ij")
+    y, x = torch.meshgrid((torch.arange(H, dtype=torch.float64) + 0.5) / H,
+                          (torch.arange(W, dtype=torch.float64) + 0.5) / W, indexing="ij")
     design = torch.stack([torch.ones_like(x), x, y], -1)                          # (H, W, 3): 1, x, y
     rows = design[::2, ::2].reshape(1, -1, 3).expand(T, -1, -1).reshape(-1, 3)    # (T*H*W/4, 3)
-    colours = video[:, ::2, ::2].reshape(-1, 3)                                   # (T*H*W/4, 3)
+    colours = video[:, ::2, ::2].reshape(-1, 3).double()                          # (T*H*W/4, 3)
     kept = torch.ones(len(rows), dtype=torch.bool)
     for _ in range(rounds):
         coef = torch.linalg.lstsq(rows[kept], colours[kept]).solution            # (3 terms, 3 channels)
         residual = (rows @ coef - colours).norm(dim=-1)
         kept = residual <= residual.kthvalue(max(1, int(keep * len(residual)))).values
-    return (design @ coef).clamp(0, 1)                                            # (H, W, 3)
+    return (design @ coef).clamp(0, 1).float()                                    # (H, W, 3)
 
 
 def background_name(background: torch.Tensor) -> tuple[str, float]:
@@ -193,7 +203,7 @@ def colour_labels(video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     A pixel votes clearly when it lies within half COLOUR_TOLERANCE of that colour: pixels on a blurred
     border between two colours (blue and orange blend to purple-ish) are near no colour and abstain.
     """
-    distance = torch.cdist(video.reshape(-1, 3), _palette(NAMED_COLOURS))        # (T*H*W, colours)
+    distance = _distances(video.reshape(-1, 3), _palette(NAMED_COLOURS))         # (T*H*W, colours)
     nearest = distance.min(1)
     shape = video.shape[:-1]
     return nearest.indices.reshape(shape), (nearest.values < COLOUR_TOLERANCE / 2).reshape(shape)
@@ -241,15 +251,18 @@ TEMPLATES = {shape: _shape_template(shape) for shape in world.SHAPES}
 
 
 def outline(mask: torch.Tensor, distance: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
-    """The sprite's pixels at least half covered: distance from the background over half its inner level.
+    """The sprite's pixels at least half covered: distance from the background at least half its inner level.
 
     The detection mask is deliberately generous (low threshold, smoothed), which rounds corners;
-    half coverage is where the true edge of an antialiased or blurred sprite lies.
+    half coverage is where the true edge of an antialiased or blurred sprite lies. A render's
+    coverage comes in steps of 1 / SUPERSAMPLE^2, and a pixel covered exactly half (common: any
+    edge along the sample grid) sits on the threshold, where the last bit of the fitted
+    background would decide it; the threshold sits half a step lower, so such pixels count.
     """
     if not inner.any():
         return mask
     near = F.max_pool2d(mask.float()[:, None], 3, stride=1, padding=1)[:, 0].bool()
-    return near & (distance > 0.5 * distance[inner].quantile(0.2))
+    return near & (distance > HALF_COVERED * distance[inner].quantile(0.2))
 
 
 def shape_overlaps(mask: torch.Tensor) -> dict[str, float]:
@@ -299,7 +312,7 @@ def _appearance(analysis: Analysis, index: int,
     pixels = analysis.video[inner]                                                # (P, 3)
     if len(pixels) == 0:
         return 0.0, shares, overlaps
-    to_true = torch.cdist(pixels, _palette(sprite.colours))                       # (P, 1 or 2)
+    to_true = _distances(pixels, _palette(sprite.colours))                        # (P, 1 or 2)
     fidelity = float((1 - to_true.min(1).values / COLOUR_TOLERANCE).clamp(min=0).mean())
     share = torch.bincount(to_true.argmin(1), minlength=len(sprite.colours)).float() / len(pixels)
     balance = min(1.0, float(share.min()) / BALANCE_SHARE) if len(sprite.colours) == 2 else 1.0

@@ -24,7 +24,7 @@ an hour.
 Two threads pay only if OpenMP's threads spin while they wait (OMP_WAIT_POLICY=ACTIVE; the default
 here is PASSIVE, which keeps a shared machine usable but then runs no faster than one thread); with
 one thread the recipe takes longer than the 2-hour budget (measured earlier: the VAE part 40 min,
-the DiT 3.6 instead of 5.3 steps/s). README ("The toy model") lists what else was tried.
+the DiT 3.6 instead of 5.3 steps/s). docs/toy-model.md lists what else was tried.
 
 Shapes: B batch, T video frames, F latent frames, H W height/width, z latent channels, S text tokens.
 """
@@ -46,6 +46,7 @@ from tqdm import tqdm  # noqa: E402
 from model import flow
 from model.config import PRESETS, WanConfig
 from model.dit import WanDiT
+from model.files import atomic_path
 from model.text_encoder import Tokenizer, UMT5Encoder
 from toy import concepts, world
 from toy.pretrain_vae import Deadline, Every, load_vae, save_atomic, train_vae
@@ -78,9 +79,8 @@ def train_tokenizer(args) -> None:
             piece = proto.pieces.add()
             piece.piece, piece.score = "▁" + word, 0.0
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(proto.SerializeToString())
-    os.replace(path + ".tmp", path)
     sp = spm.SentencePieceProcessor(model_file=path)
     longest = max(len(sp.encode(line)) + 1 for line in lines)      # + </s>
     print(f"tokenizer: {len(sp)} pieces, longest caption {longest} tokens incl. </s>")
@@ -180,9 +180,7 @@ def flow_step(dit: WanDiT, x0: torch.Tensor, context: torch.Tensor, args,
     """Per-sample flow-matching loss (B,) and the sigmas it was drawn at."""
     sigmas = flow.sample_train_sigmas(x0.shape[0], generator, shift=args.train_shift, mode=args.timesteps)
     noise = torch.randn(x0.shape, generator=generator)
-    x_t = flow.add_noise(x0, noise, sigmas)                                   # (B, z, F, H, W)
-    pred = dit(x_t, sigmas * flow.NUM_TRAIN_TIMESTEPS, context)               # velocity toward noise
-    return flow.flow_loss(pred, flow.velocity_target(x0, noise)), sigmas
+    return flow.flow_matching_loss(dit, x0, noise, sigmas, context), sigmas
 
 
 def train_dit(args, deadline: Deadline) -> None:

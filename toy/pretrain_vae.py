@@ -15,15 +15,15 @@ import torch
 from tqdm import tqdm
 
 from model.config import WanConfig
+from model.files import atomic_path
 from model.vae import CausalCache, CausalConv3d, Resample, WanVAE
 from toy import world
 
 
 def save_atomic(obj: dict, path: str) -> None:
-    """torch.save to a temporary name, then rename: a killed run never leaves half a checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save atomically: a killed run never leaves half a checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 class Deadline:

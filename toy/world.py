@@ -22,12 +22,12 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
 FPS = 8                    # the world's frame rate: 17 frames = 2 s
 NUM_FRAMES = 17            # 4k+1, what Wan's causal VAE wants; 5 latent frames
 FRAME_SIZE = 64            # 8x8 latents after the VAE's 8x spatial stride
 SUPERSAMPLE = 4            # 4x4 samples per pixel: antialiased edges, still crisp
+GRID = 2.0 ** -18          # render snaps sprite geometry to this grid (frame units; 1/4096 px at 64 px)
 
 # ----------------------------------------------------------------------------- the vocabulary
 
@@ -49,8 +49,9 @@ SHAPES: dict[str, tuple[tuple[float, float], ...] | None] = {
     "square": ((-0.85, -0.85), (0.85, -0.85), (0.85, 0.85), (-0.85, 0.85)),
     "triangle": ((0.0, -1.25), (1.0825, 0.625), (-1.0825, 0.625)),   # equilateral, centroid at 0
     "diamond": ((0.0, -1.1), (1.1, 0.0), (0.0, 1.1), (-1.1, 0.0)),
-    # five points, the first up: outer (1.25) and inner (0.55) vertices alternate every 36 degrees
-    "star": tuple((r * math.sin(math.pi * k / 5), -r * math.cos(math.pi * k / 5))
+    # five points, the first up: outer (1.25) and inner (0.55) vertices alternate every 36 degrees;
+    # rounded so that another libm's last bit cannot move a vertex
+    "star": tuple((round(r * math.sin(math.pi * k / 5), 12), round(-r * math.cos(math.pi * k / 5), 12))
                   for k, r in enumerate((1.25, 0.55) * 5)),
 }
 # How far each shape reaches from its centre, for keeping sprites inside the frame and apart.
@@ -200,8 +201,9 @@ def contrast(colour: str, background: str) -> float:
 
 
 def _extent(sprite: Sprite) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Centre (x, y) and reach of a sprite at 65 times across the clip, frame units."""
-    dx, dy, scale = motion_path(sprite.motion, torch.linspace(0, 1, 65))
+    """Centre (x, y) and reach of a sprite at 65 times across the clip, frame units (float64)."""
+    # float64 and exact times: whether a scene is accepted must not hang on a CPU's float32 sin
+    dx, dy, scale = motion_path(sprite.motion, torch.arange(65, dtype=torch.float64) / 64)
     return sprite.x + dx, sprite.y + dy, SIZES[sprite.size] * SHAPE_REACH[sprite.shape] * scale
 
 
@@ -247,20 +249,31 @@ def shape_inside(shape: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return inside
 
 
-def render_background(name: str, size: int = FRAME_SIZE) -> torch.Tensor:
-    """(H, W, 3) float in [0, 1]: the background alone, each pixel's colour at its centre."""
+def _background_levels(name: str, size: int) -> torch.Tensor:
+    """(H, W, 3) float64 in 0..255: the background at each pixel centre, exact for power-of-two sizes."""
     bg = BACKGROUNDS[name]
-    s = (torch.arange(size) + 0.5) / size                     # pixel centres, frame units
+    s = (2 * torch.arange(size, dtype=torch.float64) + 1) / (2 * size)   # pixel centres, frame units
     if bg.axis == "vertical":
         s = s[:, None].expand(size, size)                     # varies with y (rows)
     else:
         s = s[None, :].expand(size, size)                     # varies with x (columns)
-    start, end = _rgb(bg.start), _rgb(bg.end)
+    start = torch.tensor(COLOURS[bg.start], dtype=torch.float64)
+    end = torch.tensor(COLOURS[bg.end], dtype=torch.float64)
     return start + s[..., None] * (end - start)               # (H, W, 3)
 
 
+def render_background(name: str, size: int = FRAME_SIZE) -> torch.Tensor:
+    """(H, W, 3) float in [0, 1]: the background alone, each pixel's colour at its centre."""
+    return (_background_levels(name, size) / 255).float()
+
+
+def _snap(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to the GRID: a last-bit difference (another CPU's sin, cos or sum order) vanishes."""
+    return torch.round(x / GRID) * GRID
+
+
 def _sprite_pixels(sprite: Sprite, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """At points (u, v) in sprite units: (inside mask, RGB fill (..., 3) with the pattern applied)."""
+    """At points (u, v) in sprite units: (inside mask, RGB fill (..., 3) in 0..255 with the pattern applied)."""
     inside = shape_inside(sprite.shape, u, v)
     # the pattern is fixed to the sprite: its bands move and scale with it
     if sprite.pattern == "striped":                           # bands from the top: colour, colour2, colour
@@ -269,9 +282,9 @@ def _sprite_pixels(sprite: Sprite, u: torch.Tensor, v: torch.Tensor) -> tuple[to
         second = (torch.floor(u / PATTERN_CELL) + torch.floor(v / PATTERN_CELL)) % 2 == 1
     else:
         second = torch.zeros_like(inside)
-    fill = _rgb(sprite.colour).expand(*u.shape, 3)
+    fill = torch.tensor(COLOURS[sprite.colour]).expand(*u.shape, 3)
     if sprite.colour2 is not None:
-        fill = torch.where(second[..., None], _rgb(sprite.colour2), fill)
+        fill = torch.where(second[..., None], torch.tensor(COLOURS[sprite.colour2]), fill)
     return inside, fill
 
 
@@ -280,30 +293,37 @@ def render(scene: Scene, num_frames: int = NUM_FRAMES, size: int = FRAME_SIZE) -
 
     Each pixel is the average of SUPERSAMPLE x SUPERSAMPLE samples (antialiasing). Only a window
     around each sprite is sampled finely; a linear background's pixel average is its centre value.
+    Same bytes: geometry is float64 snapped to the GRID, samples are counted in integers and the
+    blend is exact in float64 (0..255 levels), so no CPU's rounding can tip a sample or a pixel;
+    a pixel exactly between two levels rounds half to even.
     """
-    t = torch.linspace(0, 1, num_frames) if num_frames > 1 else torch.zeros(1)
-    frames = render_background(scene.background, size).expand(num_frames, size, size, 3).clone()  # (T, H, W, 3)
+    t = torch.arange(num_frames, dtype=torch.float64) / max(1, num_frames - 1)   # exact i / (T - 1)
+    frames = _background_levels(scene.background, size).expand(num_frames, size, size, 3).clone()  # (T, H, W, 3)
+    samples = SUPERSAMPLE ** 2
     for sprite in scene.sprites:
         dx, dy, scale = motion_path(sprite.motion, t)         # (T,) each
-        cx, cy, radius = sprite.x + dx, sprite.y + dy, SIZES[sprite.size] * scale
+        cx, cy = _snap(sprite.x + dx), _snap(sprite.y + dy)
+        radius = _snap(SIZES[sprite.size] * scale)
         # a square window of pixels around the sprite, the same size in every frame
         reach = SHAPE_REACH[sprite.shape] * float(radius.max())
         side = min(size, int(2 * reach * size) + 3)
         x0 = ((cx - reach) * size).long().sub(1).clamp(0, size - side)                 # (T,) window corners
         y0 = ((cy - reach) * size).long().sub(1).clamp(0, size - side)
-        offsets = (torch.arange(side * SUPERSAMPLE) + 0.5) / SUPERSAMPLE              # samples, in pixels
+        offsets = (torch.arange(side * SUPERSAMPLE, dtype=torch.float64) + 0.5) / SUPERSAMPLE   # samples, in pixels
         # sample positions in sprite units: the shape and its pattern move and scale with the sprite
         u = (((x0[:, None] + offsets) / size - cx[:, None]) / radius[:, None])[:, None, :]   # (T, 1, S)
         v = (((y0[:, None] + offsets) / size - cy[:, None]) / radius[:, None])[:, :, None]   # (T, S, 1)
         n = side * SUPERSAMPLE
         inside, fill = _sprite_pixels(sprite, u.expand(-1, n, n), v.expand(-1, n, n))   # (T, S, S), (T, S, S, 3)
-        # per pixel: the share of samples the sprite covers, and its colour summed over them
-        cover = F.avg_pool2d(inside.float()[:, None], SUPERSAMPLE)[:, 0, ..., None]   # (T, side, side, 1)
-        paint = F.avg_pool2d((fill * inside[..., None]).permute(0, 3, 1, 2), SUPERSAMPLE).permute(0, 2, 3, 1)
+        # per pixel, in integers: how many samples the sprite covers, and its colour summed over them
+        blocks = (num_frames, side, SUPERSAMPLE, side, SUPERSAMPLE)
+        cover = inside.reshape(blocks).sum((2, 4))[..., None]                          # (T, side, side, 1)
+        paint = (fill * inside[..., None]).reshape(*blocks, 3).sum((2, 4))             # (T, side, side, 3)
         for i in range(num_frames):
             ys, xs = slice(int(y0[i]), int(y0[i]) + side), slice(int(x0[i]), int(x0[i]) + side)
-            frames[i, ys, xs] = frames[i, ys, xs] * (1 - cover[i]) + paint[i]    # sprites never overlap
-    return (frames * 255).round().to(torch.uint8)                              # (T, H, W, 3)
+            # sprites never overlap; exact, as a level has few bits (k / 128 on a gradient at 64 px)
+            frames[i, ys, xs] = (frames[i, ys, xs] * (samples - cover[i]) + paint[i]) / samples
+    return frames.round().to(torch.uint8)                                      # (T, H, W, 3)
 
 
 def to_pixels(video: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,100 @@
+"""bench.py --plan: the memory planner's fake-tensor counts equal what a real CPU training step allocates."""
+import dataclasses
+import resource
+
+import pytest
+import torch
+
+import bench
+from lora.lora import trainable_parameters
+
+BF16 = torch.bfloat16
+
+
+@pytest.fixture
+def one_thread():
+    """The planner's real-tensor runs are single-threaded, like the rest of the CPU tests on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("grad_ckpt", [False, True])
+def test_fake_activations_match_a_real_cpu_step(grad_ckpt, one_thread):
+    """Fake-tensor saved and peak bytes, from 2 and 3 blocks, equal a real 4-block bf16 CPU step's within 5%."""
+    cfg = dataclasses.replace(bench.PRESETS["tiny"].dit, num_layers=4)
+    latent = (cfg.in_dim, 3, 8, 8)                                     # (C, F, H, W): 3 x 4 x 4 = 48 tokens
+    planned = bench.measure_activations(cfg, latent, BF16, grad_ckpt, "sequence")
+    full = bench.measure_activations(cfg, latent, BF16, grad_ckpt, "sequence", full_depth=True)
+    real = bench.step_activations(bench.plan_model(cfg, BF16, "sequence"), latent, BF16, grad_ckpt)
+    assert planned == full                                             # the extrapolation is exact
+    for key in ("saved", "peak"):
+        assert real[key] > 0 and abs(planned[key] / real[key] - 1) < 0.05, (key, planned, real)
+
+
+def test_weight_and_adapter_bytes():
+    """bf16 keeps load_wan's fp32 modules; fp8 halves the block linears; offloading keeps two blocks resident."""
+    cfg = bench.PRESETS["wan2.1-t2v-1.3b"].dit
+    model = bench.plan_model(cfg, BF16, "sequence", device="meta")
+    params = dict(model.named_parameters())
+    frozen = {n: p for n, p in params.items() if not n.endswith(bench.ADAPTER_TENSORS)}
+    assert bench.weight_bytes(model, fp8=False, offload=0) == sum(p.nbytes for p in frozen.values())
+    assert params["blocks.0.ffn.0.base.weight"].dtype == BF16 and params["blocks.0.modulation"].dtype == torch.float32
+    linears = sum(p.numel() for n, p in frozen.items() if n.startswith("blocks.") and n.endswith("base.weight"))
+    assert bench.weight_bytes(model, fp8=True, offload=0) == bench.weight_bytes(model, False, 0) - linears
+    block = sum(p.nbytes for n, p in frozen.items() if n.startswith("blocks.0."))
+    assert bench.weight_bytes(model, False, cfg.num_layers) == bench.weight_bytes(model, False, 0) - 28 * block
+    # Stage sequence: all three adapter tensors resident, the residual also with a grad and two AdamW moments.
+    adapters = [p for n, p in params.items() if n.endswith(bench.ADAPTER_TENSORS)]
+    residuals = sum(p.nbytes for n, p in params.items() if n.endswith("residual"))
+    assert bench.adapter_bytes(model) == sum(p.nbytes for p in adapters) + 3 * residuals
+
+
+def test_plan_table_and_docs(tmp_path, one_thread):
+    """--plan prints one row per frames x ckpt x weights x offload; the docs block is replaced, or appended once."""
+    args = bench.parse_args(["--plan", "--config", "tiny", "--frames", "9", "--offload", "0", "all"])
+    rows, table = bench.main(args)
+    assert len(rows) == 2 * 2 * 2 and table.count("\n| tiny | 9 (12) |") == 8
+    for row in rows:
+        assert row["total"] == row["weights"] + row["adapter"] + row["activations"]
+    off, on = (next(r for r in rows if r["ckpt"] == ckpt) for ckpt in (False, True))
+    assert on["saved"] < off["saved"]                                  # checkpointing keeps only block inputs
+    doc = tmp_path / "performance.md"
+    doc.write_text("# Performance\n")
+    bench.write_between_markers(str(doc), "first")
+    bench.write_between_markers(str(doc), "second")
+    assert doc.read_text() == "# Performance\n\n<!-- plan:begin -->\nsecond\n<!-- plan:end -->\n"
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+@pytest.mark.slow
+def test_plan_predicts_a_real_13b_training_step(one_thread):
+    """The planned total of a 1.3B micro-step (1 frame at 480x832, ckpt on, bf16) is within 15% of a real one."""
+    cfg = bench.PRESETS["wan2.1-t2v-1.3b"].dit
+    latent = (cfg.in_dim, 1, 60, 104)                                  # 1 latent frame: L = 1560 tokens
+    shapes = bench.plan_model(cfg, BF16, "sequence", device="meta")
+    acts = bench.measure_activations(cfg, latent, BF16, True, "sequence")
+    planned = bench.weight_bytes(shapes, fp8=False, offload=0) + bench.adapter_bytes(shapes) + acts["peak"]
+
+    rss_before, maxrss_before = rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with bench.LiveTensorBytes() as tracker:                           # every tensor byte the step allocates
+        model = bench.plan_model(cfg, BF16, "sequence")                # real random weights on the CPU
+        params = list(trainable_parameters(model).values())
+        optimizer = torch.optim.AdamW(params, lr=bench.TRAIN_LR, betas=(0.9, 0.99), weight_decay=0.01)
+        real = bench.step_activations(model, latent, BF16, grad_ckpt=True)
+        torch.nn.utils.clip_grad_norm_(params, bench.TRAIN_CLIP)
+        optimizer.step()                                               # creates the two AdamW moments
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert maxrss > max(maxrss_before, rss_before + 2**30), "the process peaked higher before the step"
+    rss_peak = maxrss - rss_before
+    print(f"\n1.3B 1f 480x832 ckpt bf16: planned {planned / 2**30:.3f} GiB (activations {acts['peak'] / 2**30:.3f}); "
+          f"real tensors {tracker.peak / 2**30:.3f} GiB (activations {real['peak'] / 2**30:.3f}); "
+          f"RSS peak {rss_peak / 2**30:.3f} GiB")
+    assert abs(real["peak"] / acts["peak"] - 1) < 0.05
+    assert abs(tracker.peak / planned - 1) < 0.15 and abs(rss_peak / planned - 1) < 0.15
