@@ -22,7 +22,7 @@ from model.files import check_writable
 from model.loader import DTYPES, load_wan, wan_model_id
 from model.pipeline import check_size, generate_latents, latent_shape
 from model.text_encoder import encode_prompts
-from video import VIDEO_MUXERS, VideoError, check_video_size, write_video
+from video import VIDEO_MUXERS, VideoError, check_video_size, side_by_side, write_video
 
 
 def toy_defaults(args: argparse.Namespace) -> tuple[list[str], list[str]]:
@@ -60,16 +60,18 @@ def check_args(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> str:
     check_args(args)
     torch.set_num_threads(args.threads)
-    if args.model is None:
+    if args.model is None and args.dit is None:
         prompts, adapters = toy_defaults(args)
     else:
         prompts, adapters = args.prompt, [] if args.no_adapter else (args.adapter or [])
         if not prompts:
-            raise ValueError("--prompt is required with --model (the toy model alone has default prompts)")
+            raise ValueError("--prompt is required with --model or --dit (the toy model alone has default prompts)")
     metas = [read_adapter_meta(path) for path in adapters]    # a bad adapter fails before loading models
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    cfg = load_wan(args.model, parts=()).cfg                                  # configs only
+    # Part files given one by one (ComfyUI single files) replace --model's, as load_wan's overrides.
+    single_files = {"dit": args.dit, "vae": args.vae, "text_encoder": args.text_encoder, "tokenizer": args.tokenizer}
+    cfg = load_wan(args.model, parts=(), **single_files).cfg                                  # configs only
     # The size: the flags, else the size the (first) adapter was trained at, else the model's.
     trained = next((m["size"] for m in metas if "size" in m), {})
     frames = args.frames or trained.get("frames", cfg.num_frames)
@@ -82,14 +84,14 @@ def main(args: argparse.Namespace) -> str:
 
     # One part on the device at a time (umT5-XXL alone is 11 GB): text first, then the DiT, then the VAE.
     negative_prompt = cfg.negative_prompt if args.negative_prompt is None else args.negative_prompt
-    text = load_wan(args.model, parts=("text",), device=device, dtype=dtype)
+    text = load_wan(args.model, parts=("text",), device=device, dtype=dtype, **single_files)
     with torch.no_grad():
         states = encode_prompts(text.tokenizer, text.text_encoder, prompts + [negative_prompt], device)
     del text
     context = states[:-1]                                                     # (B, S, D)
     negative = states[-1:].expand_as(context) if guidance > 1 else None
 
-    dit = load_wan(args.model, parts=("dit",), device=device, dtype=dtype).dit
+    dit = load_wan(args.model, parts=("dit",), device=device, dtype=dtype, **single_files).dit
     apply_adapters(dit, adapters, wan_model_id(cfg), args.s_id, args.s_mot)
     # One noise for every prompt: the panels differ only by their text.
     shape = latent_shape(cfg, 1, frames, height, width)
@@ -100,12 +102,11 @@ def main(args: argparse.Namespace) -> str:
                          for i in range(len(prompts))])                      # (B, C, F, H, W)
     del dit
 
-    vae = load_wan(args.model, parts=("vae",), device=device, dtype=dtype).vae
+    vae = load_wan(args.model, parts=("vae",), device=device, dtype=dtype, **single_files).vae
     with torch.no_grad():
         videos = torch.cat([vae.decode(latents[i:i + 1].to(device, next(vae.parameters()).dtype))
                             for i in range(len(prompts))]).float().cpu()     # (B, 3, T, H, W)
-    gap = torch.ones(videos.shape[2], 3, height, 2)                          # white separators between panels
-    video = torch.cat([piece for v in videos for piece in (v.transpose(0, 1), gap)][:-1], dim=3)  # (T, 3, H, B*W)
+    video = side_by_side([v.transpose(0, 1) for v in videos])                # (T, 3, H, B*W + gaps)
 
     write_video(args.out, video, fps=cfg.fps)          # atomic: a temp file, then a rename
     if args.gif:
@@ -121,6 +122,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # model and adapters
     p.add_argument("--model", help="Wan checkpoint folder (diffusers or original layout) or preset name "
                    "(default: the project's toy model)")
+    p.add_argument("--dit", help="DiT weights file (e.g. a ComfyUI single file), instead of or over --model's")
+    p.add_argument("--vae", help="VAE weights file (e.g. ComfyUI's wan_2.1_vae.safetensors)")
+    p.add_argument("--text-encoder", help="umT5 weights file (e.g. ComfyUI's umt5_xxl_*.safetensors)")
+    p.add_argument("--tokenizer", help="umT5 tokenizer folder (with spiece.model), when --model has none")
     p.add_argument("--adapter", action="append", help="Set-and-Sequence adapter file; repeat to stack several "
                    "(default for the toy model: runs/<first concept>/sequence.safetensors)")
     p.add_argument("--no-adapter", action="store_true", help="sample the base model only")

@@ -16,6 +16,9 @@ Shapes: B batch, C latent channels, F H W latent frames/height/width, S text row
 """
 import argparse
 import functools
+import glob
+import json
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -25,7 +28,7 @@ from tqdm import tqdm
 
 from data import VideoLatents, cache_latents, cache_tensor, cache_text
 from data import sequence_batches, set_batches
-from lora.export import export_lora
+from lora.export import export_lora, export_split
 from lora.lora import adapter_state_dict, inject, load_adapter_file, read_adapter_meta, save_adapter
 from lora.lora import set_stage, trainable_parameters
 from model.checkpoint import weights_fingerprint
@@ -34,7 +37,7 @@ from model.flow import flow_matching_loss, sample_train_sigmas
 from model.loader import DTYPES, load_wan
 from model.pipeline import check_size, generate_latents
 from model.text_encoder import encode_prompts
-from video import VideoError, check_video_size
+from video import VideoError, check_video_size, side_by_side, write_video
 
 # Generic prompts for prior preservation with a real Wan model (docs/method.md#regularization);
 # a model folder may ship its own in prior_prompts.txt (the toy model does).
@@ -68,12 +71,18 @@ class Concept:
     motion_prompt: str   # stage sequence: "a [v] ... [u] motion"
     id_token: str | None
     motion_token: str | None
+    edits: tuple[str, ...] = ()   # prompts that re-stage it (the toy's examples have some): previews show them
+
+
+def single_files(args: argparse.Namespace) -> dict[str, str | None]:
+    """The part files given one by one (ComfyUI single files), as load_wan's overrides."""
+    return {"dit": args.dit, "vae": args.vae, "text_encoder": args.text_encoder, "tokenizer": args.tokenizer}
 
 
 def concepts_from_flags(args: argparse.Namespace) -> list[Concept]:
     """--video entries with their prompts; without --model, the toy world's example concept fills in."""
     known = {}
-    if args.model is None:
+    if args.model is None and args.dit is None:
         from toy import TOY_MODEL, example_concepts
         args.model = TOY_MODEL
         known = {os.path.normpath(c["file"]): c for c in example_concepts()}
@@ -88,9 +97,17 @@ def concepts_from_flags(args: argparse.Namespace) -> list[Concept]:
     concepts = []
     for i, video in enumerate(videos):
         default = known.get(os.path.normpath(os.path.abspath(video)), {})
+        # A caption file next to the video (clip.mp4 -> clip.txt): its first line is the static prompt,
+        # its second the motion prompt, as trainers that read captions from .txt files expect.
+        caption = os.path.splitext(video)[0] + ".txt"
+        if os.path.isfile(caption):
+            with open(caption) as f:
+                lines = [line.strip() for line in f if line.strip()]
+            default = {**default, **dict(zip(("static_prompt", "motion_prompt"), lines))}
         pick = lambda flag, key: (getattr(args, flag) or [None] * len(videos))[i] or default.get(key)  # noqa: E731
         concepts.append(Concept(video, pick("prompt", "static_prompt"), pick("motion_prompt", "motion_prompt"),
-                                pick("id_token", "identity_token"), pick("motion_token", "motion_token")))
+                                pick("id_token", "identity_token"), pick("motion_token", "motion_token"),
+                                tuple(edit["prompt"] for edit in default.get("edits", []))))
     return concepts
 
 
@@ -98,7 +115,7 @@ def resolve_run(args: argparse.Namespace) -> tuple[list[Concept], str]:
     """The concepts to train and the run folder. Stage sequence continues the stage-set run in that
     folder: its videos, prompts, tokens and size come from the stage-set adapter unless flags say otherwise."""
     if args.stage == "sequence" and not args.video and args.run_dir:
-        if args.model is None:
+        if args.model is None and args.dit is None:
             from toy import TOY_MODEL
             args.model = TOY_MODEL
         concepts = []
@@ -122,7 +139,7 @@ def resolve_run(args: argparse.Namespace) -> tuple[list[Concept], str]:
             concepts = [Concept(c["video"], flagged["prompt"][i] or c["static_prompt"],
                                 flagged["motion_prompt"][i] or c["motion_prompt"],
                                 flagged["id_token"][i] or c["id_token"],
-                                flagged["motion_token"][i] or c["motion_token"])
+                                flagged["motion_token"][i] or c["motion_token"], tuple(c.get("edits", ())))
                         for i, c in enumerate(trained)]
             for key in ("frames", "height", "width"):
                 if getattr(args, key) is None:
@@ -140,9 +157,20 @@ def resolve_run(args: argparse.Namespace) -> tuple[list[Concept], str]:
     return concepts, run_dir
 
 
+def preview_prompts(args, concepts: list[Concept]) -> list[str]:
+    """--sample-prompts (one prompt a line), else each concept's motion prompt and its known edits."""
+    if args.sample_prompts:
+        with open(args.sample_prompts) as f:
+            prompts = [line.strip() for line in f if line.strip()]
+        if not prompts:
+            raise ValueError(f"--sample-prompts {args.sample_prompts} has no prompt: write one prompt a line")
+        return prompts
+    return [p for c in concepts for p in (c.motion_prompt, *c.edits)]
+
+
 def prior_prompts(args) -> list[str]:
     """Generic prompts for prior preservation: the model folder's prior_prompts.txt, else GENERIC_PROMPTS."""
-    prompts_file = os.path.join(args.model, "prior_prompts.txt")
+    prompts_file = os.path.join(args.model or "", "prior_prompts.txt")
     prompts = GENERIC_PROMPTS
     if os.path.exists(prompts_file):
         with open(prompts_file) as f:
@@ -163,6 +191,36 @@ def prior_latents(args, dit, cfg, states: torch.Tensor, negative: torch.Tensor, 
                           for i in tqdm(range(len(states)), desc="prior samples (once)")])
     return cache_tensor(path, {**fingerprint, "shape": str(shape), "steps": str(cfg.sample_steps),
                                "seed": str(args.seed)}, generate)          # (P, C, F, H, W)
+
+
+def learning_rate(step: int, steps: int, peak: float, schedule: str, warmup: int) -> float:
+    """Linear warmup over `warmup` steps, then constant or a cosine decay to 0 at the last step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "cosine":
+        return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
+    return peak
+
+
+def plot_losses(log_path: str, svg_path: str, width: int = 640, height: int = 240) -> None:
+    """The loss log as an SVG line plot (each step, and its mean over 20 steps), no plotting library."""
+    with open(log_path) as f:
+        losses = [json.loads(line)["loss"] for line in f if line.strip()]
+    if len(losses) < 2:
+        return
+    smooth = [sum(losses[max(0, i - 19):i + 1]) / len(losses[max(0, i - 19):i + 1]) for i in range(len(losses))]
+    low, high = min(losses), max(losses)
+    x = lambda i: 40 + i * (width - 50) / (len(losses) - 1)                   # noqa: E731
+    y = lambda v: height - 25 - (v - low) * (height - 40) / max(high - low, 1e-12)  # noqa: E731
+    line = lambda values, style: (f'<polyline fill="none" {style} points="'   # noqa: E731
+                                  + " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(values)) + '"/>')
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="11"><rect width="100%" height="100%" fill="white"/>'
+           + line(losses, 'stroke="#bbb"') + line(smooth, 'stroke="#c33" stroke-width="2"')
+           + f'<text x="40" y="12">loss per step (grey) and its mean over 20 steps (red), steps 1-{len(losses)}</text>'
+           + f'<text x="2" y="{y(high) + 4:.0f}">{high:.3g}</text><text x="2" y="{y(low):.0f}">{low:.3g}</text></svg>')
+    with atomic_path(svg_path) as tmp, open(tmp, "w") as f:
+        f.write(svg)
 
 
 def rng_states(noise_gen: torch.Generator) -> dict:
@@ -215,12 +273,15 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str) -> st
     torch.manual_seed(args.seed)  # the global RNG draws the DropConnect masks
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    model_id, cfg = (lambda m: (m.model_id, m.cfg))(load_wan(args.model, parts=()))   # configs only
+    configs = load_wan(args.model, parts=(), **single_files(args))           # configs only, no tensor read
+    model_id, cfg = configs.model_id, configs.cfg
     frames, height, width = args.frames or cfg.num_frames, args.height or cfg.height, args.width or cfg.width
     check_video_size(frames, height, width)
     check_size(cfg, frames, height, width)
     # Caches are keyed by the weights themselves and the dtype: another checkpoint never reuses them.
-    cache_id = f"{model_id}-{weights_fingerprint(args.model)}-{args.dtype}"
+    fingerprint = weights_fingerprint(args.model, dit=args.dit, vae=args.vae, text=args.text_encoder,
+                                      tokenizer=args.tokenizer)
+    cache_id = f"{model_id}-{fingerprint}-{args.dtype}"
     cache = lambda name: os.path.join(run_dir, "cache", name)  # noqa: E731
     # Defaults the flags did not set: the paper's for Wan, measured ones for the toy (TRAINING_DEFAULTS).
     hp = {**TRAINING_DEFAULTS.get(model_id, TRAINING_DEFAULTS["paper"]),
@@ -230,7 +291,9 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str) -> st
 
     # ---- 1. Cache what the loop reads: latents and text states, then prior samples. The VAE and the
     # umT5 (11 GB for Wan) are loaded only if a cache misses, and freed before the DiT is loaded.
-    load = functools.cache(lambda part: load_wan(args.model, parts=(part,), device=device, dtype=dtype))
+    def load_part(part: str):
+        return load_wan(args.model, parts=(part,), device=device, dtype=dtype, **single_files(args))
+    load = functools.cache(load_part)                    # each encoder once, and only if a cache misses
 
     def encode(prompts: list[str]) -> torch.Tensor:
         text_part = load("text")
@@ -243,12 +306,16 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str) -> st
     stage_prompts = [c.static_prompt if args.stage == "set" else c.motion_prompt for c in concepts]
     # (stage single learns identity and motion at once, from the clip and the motion prompt)
     text = cache_text(stage_prompts, encode, cache(f"text-{args.stage}.safetensors"), cache_id)   # (V, S, D)
-    if hp["prior_weight"] > 0:
+    if hp["prior_weight"] > 0 or args.sample_every:
         negative = cache_text([cfg.negative_prompt], encode, cache("negative.safetensors"), cache_id).to(device)
+    if args.sample_every:   # previews: the prompts of --sample-prompts, else each concept's own and its edits
+        preview_text = cache_text(preview_prompts(args, concepts), encode, cache("preview-text.safetensors"), cache_id)
+        preview_vae = functools.cache(lambda: load_part("vae").vae)       # kept from the first preview on
+    if hp["prior_weight"] > 0:
         prior_text = cache_text(prior_prompts(args), encode, cache(f"prior-{args.stage}-text.safetensors"),
                                 cache_id)                                                          # (P, S, D)
     load.cache_clear()                                   # the encoders go before the DiT comes
-    dit = load_wan(args.model, parts=("dit",), device=device, dtype=dtype).dit
+    dit = load_part("dit").dit
     dit.requires_grad_(False)
     prior = None
     if hp["prior_weight"] > 0:
@@ -306,6 +373,38 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str) -> st
     for _ in range(start):  # replay the data order up to the resumed step (cheap: indexing only)
         next_batch()
 
+    # What every adapter file of this run records: stage sequence continues it, sample.py reads its size.
+    meta = {"base_model_id": model_id, "stage": args.stage, "seed": args.seed,
+            "videos": [c.video for c in concepts], "prompts": stage_prompts,
+            "tokens": [[c.id_token, c.motion_token] for c in concepts],
+            "concepts": [asdict(c) for c in concepts], "size": {"frames": frames, "height": height, "width": width}}
+    # The log: one JSON line per step; a resumed run first drops the lines past its state's step.
+    log_path = os.path.join(run_dir, f"{args.stage}-log.jsonl")
+    kept = open(log_path).readlines()[:start] if start and os.path.exists(log_path) else []
+    log = open(log_path, "w")
+    log.writelines(kept)
+
+    def preview(at_step: int) -> None:
+        """Sample the preview prompts from a fixed seed into <run-dir>/previews/ (mp4 and GIF)."""
+        # Sampling draws from its own generator and runs without DropConnect; the global RNG (the
+        # training's DropConnect masks) is put back anyway, so a run with previews trains the same adapter.
+        rng = torch.get_rng_state()
+        dit.eval()
+        shape = (1, *videos[0].clip.shape)
+        latents = [generate_latents(dit, preview_text[i:i + 1].to(device), negative, shape, "unipc",
+                                    cfg.sample_steps, cfg.sample_shift, cfg.guidance_scale,
+                                    torch.Generator().manual_seed(args.seed), progress=False)
+                   for i in range(len(preview_text))]
+        vae = preview_vae()
+        with torch.no_grad():
+            clips = [vae.decode(z.to(device, next(vae.parameters()).dtype))[0].float().cpu() for z in latents]
+        strip = side_by_side([clip.transpose(0, 1) for clip in clips])          # (T, 3, H, P*W + gaps)
+        out = os.path.join(run_dir, "previews", f"{args.stage}-step{at_step:06d}")
+        write_video(out + ".mp4", strip, fps=cfg.fps)
+        write_video(out + ".gif", strip, fps=cfg.fps)
+        dit.train()
+        torch.set_rng_state(rng)
+
     # ---- 4. The loop: per optimizer step, the concept samples and then the prior samples, each run in
     # micro-batches whose gradients add up (what fits in memory decides --batch, not the result).
     steps = args.steps or DEFAULT_STEPS[args.stage]
@@ -315,8 +414,11 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str) -> st
         for step in bar:
             at_start = rng_states(noise_gen)                 # what an interrupted step resumes from
             optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for x0, context, weight in next_batch():         # concept samples, then prior samples
+            lr = learning_rate(step, steps, hp["lr"], args.lr_schedule, args.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            group_loss = [0.0, 0.0]                          # this step's concept and prior parts of the loss
+            for g, (x0, context, weight) in enumerate(next_batch()):   # concept samples, then prior samples
                 # Every random draw is made for the whole group at once, so micro-batching cannot change it.
                 # Per-token text masking (docs/method.md#regularization): zeroed rows look like Wan's padding rows.
                 keep = torch.rand(context.shape[:2], generator=noise_gen) >= hp["text_mask"]   # (N, S)
@@ -337,13 +439,25 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str) -> st
                         raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower --lr or use --dtype "
                                                  f"fp32; the last good state is {state_path}")
                     loss.backward()                                  # gradients add up over micro-batches
-                    step_loss += loss.item()
-            torch.nn.utils.clip_grad_norm_(params.values(), args.clip)
+                    group_loss[g] += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), args.clip)
             optimizer.step()
-            losses.append(step_loss)
+            losses.append(sum(group_loss))
+            log.write(json.dumps({"step": step + 1, "loss": losses[-1], "concept": group_loss[0],
+                                  "prior": group_loss[1] / hp["prior_weight"] if prior is not None else None, "lr": lr,
+                                  "grad_norm": float(grad_norm)}) + "\n")
+            log.flush()
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+            if args.sample_every and (step + 1) % args.sample_every == 0:
+                preview(step + 1)
             if (step + 1) % args.save_every == 0 and step + 1 < steps:
                 save_state(state_path, step + 1, dit, optimizer, rng_states(noise_gen), losses)
+                if args.keep:   # an adapter along the way, loadable by sample.py; only the last --keep stay
+                    save_adapter(os.path.join(run_dir, f"{args.stage}-step{step + 1:06d}.safetensors"), dit,
+                                 {**meta, "steps": step + 1})
+                    for old in sorted(glob.glob(os.path.join(run_dir, f"{args.stage}-step*.safetensors")))[:-args.keep]:
+                        os.remove(old)
+                    plot_losses(log_path, os.path.join(run_dir, f"{args.stage}-loss.svg"))
     except KeyboardInterrupt:  # Ctrl-C: keep what was trained and say how to go on
         bar.close()
         # mid-step: the streams as the step found them; between steps: as they are now
@@ -354,19 +468,22 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str) -> st
         raise SystemExit(f"\ninterrupted at step {len(losses)}; saved {state_path}. Continue with:\n"
                          f"  python train.py {' '.join(again)} --resume")
 
-    # ---- 5. Save the adapter tensors (only what was trained), then optionally a plain LoRA.
+    finally:
+        log.close()
+
+    # ---- 5. Save the adapter tensors (only what was trained), the loss plot, optionally a plain LoRA.
     dit.eval()
-    meta = {"base_model_id": model_id, "stage": args.stage, "steps": steps, "seed": args.seed,
-            "videos": [c.video for c in concepts], "prompts": stage_prompts,
-            "tokens": [[c.id_token, c.motion_token] for c in concepts], "final_loss": losses[-1] if losses else None,
-            # what stage sequence continues and sample.py defaults to
-            "concepts": [asdict(c) for c in concepts], "size": {"frames": frames, "height": height, "width": width}}
-    save_adapter(adapter_path, dit, meta)
+    save_adapter(adapter_path, dit, {**meta, "steps": steps, "final_loss": losses[-1] if losses else None})
+    plot_losses(log_path, os.path.join(run_dir, f"{args.stage}-loss.svg"))
     save_state(state_path, steps, dit, optimizer, rng_states(noise_gen), losses)
     if args.export:
         out = os.path.join(run_dir, f"lora-{args.export}.safetensors")
-        export_lora(dit, out, args.export, s_id=args.s_id, s_mot=args.s_mot)
-        tqdm.write(f"exported {out}")
+        if args.split:   # two files; the strengths are set when they are loaded, not baked in
+            for written in export_split(dit, out, args.export):
+                tqdm.write(f"exported {written}")
+        else:
+            export_lora(dit, out, args.export, s_id=args.s_id, s_mot=args.s_mot)
+            tqdm.write(f"exported {out}")
     head, tail = losses[:20], losses[-20:]   # means over 20 steps: single-step losses are noisy
     tqdm.write(f"wrote {adapter_path} (mean loss of the first / last 20 steps: "
                f"{sum(head) / max(len(head), 1):.4f} -> {sum(tail) / max(len(tail), 1):.4f})")
@@ -384,7 +501,9 @@ def check_flags(args: argparse.Namespace) -> None:
               (args.text_mask is None or 0 <= args.text_mask < 1, "--text-mask must be in [0, 1)"),
               (args.prior_weight is None or args.prior_weight >= 0, "--prior-weight must be >= 0"),
               (args.prior_count >= 1 and args.prior_batch >= 1, "--prior-count and --prior-batch must be >= 1"),
-              (args.save_every >= 1, "--save-every must be >= 1"), (args.threads >= 1, "--threads must be >= 1")]
+              (args.save_every >= 1, "--save-every must be >= 1"),
+              (args.keep >= 0 and args.warmup >= 0 and args.sample_every >= 0,
+               "--keep, --warmup and --sample-every must be >= 0"), (args.threads >= 1, "--threads must be >= 1")]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
@@ -403,6 +522,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--motion-token", action="append", help="motion token [u] of each video")
     p.add_argument("--model", help="Wan checkpoint folder (diffusers or original layout) or preset name "
                    "(default: the project's toy model)")
+    p.add_argument("--dit", help="DiT weights file (e.g. a ComfyUI single file), instead of or over --model's")
+    p.add_argument("--vae", help="VAE weights file (e.g. ComfyUI's wan_2.1_vae.safetensors)")
+    p.add_argument("--text-encoder", help="umT5 weights file (e.g. ComfyUI's umt5_xxl_*.safetensors)")
+    p.add_argument("--tokenizer", help="umT5 tokenizer folder (with spiece.model), when --model has none")
     p.add_argument("--run-dir", help="folder for caches, adapters and resume state (default: runs/<video name>)")
     p.add_argument("--frames", type=int, help="frames, 4k+1 (default: the model's)")
     p.add_argument("--height", type=int, help="height, multiple of 16 (default: the model's)")
@@ -440,6 +563,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # run
     p.add_argument("--seed", type=int, default=0,
                    help="seed of data order, noise, DropConnect (default: %(default)s)")
+    p.add_argument("--keep", type=int, default=3, help="adapters kept along the way, <stage>-stepN.safetensors, "
+                   "written every --save-every steps; 0: none (default: %(default)s)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="learning rate after the warmup: constant (the paper's) or cosine decay to 0")
+    p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warmup (default: %(default)s)")
+    p.add_argument("--sample-every", type=int, default=0, help="preview videos every N steps into <run-dir>/previews "
+                   "(default: %(default)s, none)")
+    p.add_argument("--sample-prompts", help="text file, one preview prompt a line (default: each concept's motion "
+                   "prompt and, for the toy examples, its edits)")
     p.add_argument("--save-every", type=int, default=100,
                    help="steps between resume checkpoints (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/<stage>-state.pt")
@@ -450,6 +582,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "other jobs share the cores, where 2 threads on a 2-core machine ran 15-150x slower)")
     # export
     p.add_argument("--export", choices=("comfyui", "diffusers"), help="also write a plain LoRA file")
+    p.add_argument("--split", action="store_true", help="with --export: an identity LoRA and a motion LoRA "
+                   "(<name>-identity / -motion.safetensors), loaded together at weights s_id, s_mot")
     p.add_argument("--s-id", type=float, default=1.0,
                    help="identity strength baked into the export (default: %(default)s)")
     p.add_argument("--s-mot", type=float, default=1.0,

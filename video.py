@@ -247,3 +247,10 @@ def write_video(path: str, frames: torch.Tensor, fps: float, lossless: bool = Fa
             for _ in range(len(frames)):
                 container.mux(stream.encode(graph.pull()))
         container.mux(stream.encode(None))                    # flush the encoder's delayed frames
+
+
+def side_by_side(clips: list[torch.Tensor], gap: int = 2) -> torch.Tensor:
+    """Clips (T, 3, H, W_i) laid left to right with white `gap`-pixel separators: (T, 3, H, sum W_i + gaps)."""
+    T, _, H, _ = clips[0].shape
+    white = torch.ones(T, 3, H, gap)
+    return torch.cat([piece for clip in clips for piece in (clip.float().cpu(), white)][:-1], dim=3)

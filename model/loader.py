@@ -323,8 +323,9 @@ def load_wan(model: str | None, parts=("dit", "vae", "text"), device="cpu", dtyp
             raise CheckpointError(f"load_wan: no {PART_NAMES[part]} weights: {where}; pass {flags[part]}=<file>")
         files[part] = WeightFile(paths[part], part)
     if model is None:   # a lone DiT file says which release it is; the VAE and umT5 are the same in both
-        cfg = (config_from_dit_shapes(files["dit"].shapes, paths["dit"]) if "dit" in files
-               else PRESETS["wan2.1-t2v-1.3b"])
+        # (its header only, also when the DiT itself is not asked for: parts=() reads just the config)
+        dit_file = files.get("dit") or (WeightFile(paths["dit"], "dit") if "dit" in paths else None)
+        cfg = config_from_dit_shapes(dit_file.shapes, paths["dit"]) if dit_file else PRESETS["wan2.1-t2v-1.3b"]
     plans = [_plan(part, weights, cfg) for part, weights in files.items()]
     text_tokenizer = _open_tokenizer(paths.get("tokenizer"), cfg) if "text" in parts else None
 

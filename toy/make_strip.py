@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from video import read_video, write_video
+from video import read_video, side_by_side, write_video
 from lora.lora import apply_adapters
 from model.loader import load_wan
 from model.pipeline import generate_videos
@@ -48,8 +48,7 @@ def main(args: argparse.Namespace) -> None:
         print(f"{title:22s} identity {result['identity_score']:.3f}  motion {result['motion_score']:.3f}  "
               f"background {result['background']}  {prompt or ''}")
         clips.append(clip)
-    gap = torch.ones(world.NUM_FRAMES, 3, world.FRAME_SIZE, 2)                           # white separators
-    strip = torch.cat([piece for clip in clips for piece in (clip, gap)][:-1], dim=3)    # (T, 3, H, 5W + 8)
+    strip = side_by_side(clips)                                                          # (T, 3, H, 5W + 8)
     out = args.out or os.path.join("assets", f"strip_{concept.name}.gif")
     write_video(out, strip, fps=world.FPS)
     print(f"wrote {out}: " + " | ".join(title for title, *_ in panels))
