@@ -2,6 +2,7 @@
 
     python bench.py                                                        # CPU: tiny and toy presets
     python bench.py --config wan2.1-t2v-1.3b --device cuda --dtype bf16    # GPU: 480x832, 81 and 49 frames
+    python bench.py --plan --write-docs                                    # memory planner, no GPU needed
 
 One process builds our DiT, VAE and umT5 with random weights, writes them with model/save.py
 save_diffusers, and loads that folder twice: with model/loader.py and as a diffusers WanPipeline. Both
@@ -20,6 +21,11 @@ attention matmuls); activation recomputation by gradient checkpointing is not co
 The reference side needs diffusers, transformers, peft and accelerate (requirements-dev.txt); they
 are imported only when a benchmark runs, so a missing one is a one-line error, not a traceback.
 Tables of past runs: docs/performance.md.
+
+--plan needs no GPU and no reference library: for the 1.3B and 14B at 480x832 it prints the device
+memory of one training micro-step (batch 1) per weight format (bf16, fp8), gradient checkpointing and
+number of blocks offloaded to the CPU: resident weights, adapter + AdamW state, and the activations,
+measured by running our DiT's forward and backward on fake tensors (FakeTensorMode: shapes, no data).
 Shapes: B batch, C latent channels, F H W latent frames/height/width, L video tokens, S text tokens, D width.
 """
 import argparse
@@ -88,7 +94,8 @@ class LiveTensorBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         # An output that shares an input's storage (a view, an in-place op) allocated nothing.
         inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for storage in {t.untyped_storage() for t in tree_leaves(out) if isinstance(t, torch.Tensor)}:
+        new = {t.untyped_storage() for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+        for storage in new:   # (meta tensors hold no memory; fake ones say "cpu" and are counted)
             if storage._cdata not in inputs and storage._cdata not in self.sizes:
                 self.sizes[storage._cdata] = storage.nbytes()
                 self.live += storage.nbytes()
@@ -416,7 +423,7 @@ def format_table(rows: list[dict], args) -> str:
 PLAN_PRESETS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
 PLAN_FRAMES = (33, 49, 81)
 CARDS_GIB = (24, 48, 80)
-HEADROOM = 0.9        # the share of a card a plan may fill: CUDA context, cuBLAS workspaces and fragmentation take the rest
+HEADROOM = 0.9        # the share of a card a plan may fill: CUDA context, workspaces, fragmentation take the rest
 PREFETCH_BLOCKS = 2   # copies of offloaded blocks on the device: the one running and the next, copied in meanwhile
 GIB = 2**30
 ADAPTER_TENSORS = ("basis", "coeff", "residual")
@@ -455,30 +462,23 @@ def adapter_bytes(model: WanDiT) -> int:
 
 
 def step_activations(model: WanDiT, latent: tuple[int, ...], dtype: torch.dtype, grad_ckpt: bool) -> dict:
-    """Bytes saved for backward and the peak of live tensor bytes of one micro-step (batch 1, train.py's
-    forward under autocast, loss, backward); weights, adapters and their gradients are not counted."""
+    """Tensor bytes one micro-step (batch 1: train.py's forward under autocast, loss, backward) holds for
+    backward when the forward ends, and its peak; weights, adapters and their gradients are not counted."""
     model.gradient_checkpointing = grad_ckpt
     for param in model.parameters():
         if param.requires_grad:   # as left by an earlier micro-step: counted by adapter_bytes, not here
             param.grad = torch.zeros_like(param)
-    weights = {p.untyped_storage()._cdata for p in model.parameters()}
-    saved = {}                    # storage -> bytes: views of one storage count once
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage._cdata not in weights:   # a linear saves its weight: already counted
-            saved[storage._cdata] = storage.nbytes()
-        return tensor
-
     cfg = model.cfg
     with LiveTensorBytes() as tracker:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            x0 = torch.randn(1, *latent)                                        # (B, C, F, H, W)
-            context = torch.randn(1, cfg.text_len, cfg.text_dim).to(dtype)     # (B, S, text_dim)
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                loss = flow_matching_loss(model, x0, torch.randn_like(x0), torch.rand(1), context).sum()
+        x0 = torch.randn(1, *latent)                                        # (B, C, F, H, W)
+        context = torch.randn(1, cfg.text_len, cfg.text_dim).to(dtype)     # (B, S, text_dim)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = flow_matching_loss(model, x0, torch.randn_like(x0), torch.rand(1), context).sum()
+        # What is still alive is what autograd saved (with checkpointing: the block inputs), plus inputs
+        # and the scalar loss. Counted here, not by saved-tensor hooks: the DiT's own hooks would hide it.
+        held = tracker.live
         loss.backward()
-    return {"saved": sum(saved.values()), "peak": tracker.peak}
+    return {"held": held, "peak": tracker.peak}
 
 
 def measure_activations(cfg: DiTConfig, latent: tuple[int, ...], dtype: torch.dtype, grad_ckpt: bool, stage: str,
@@ -507,7 +507,10 @@ def plan_rows(args) -> list[dict]:
         cfg = PRESETS[name]
         height, width = args.height or cfg.height, args.width or cfg.width
         model = plan_model(cfg.dit, torch.bfloat16, args.stage, device="meta")   # the full size: bytes of weights
+        adapter = adapter_bytes(model)
         offloads = sorted({cfg.dit.num_layers if n == "all" else int(n) for n in args.offload})
+        if not 0 <= offloads[0] <= offloads[-1] <= cfg.dit.num_layers:
+            raise ValueError(f"--offload: {name} has {cfg.dit.num_layers} blocks, got {args.offload}")
         for frames in args.frames or PLAN_FRAMES:
             latent = (cfg.dit.in_dim, (frames - 1) // cfg.vae.temporal_factor + 1,
                       height // cfg.vae.spatial_factor, width // cfg.vae.spatial_factor)   # (C, F, H, W)
@@ -518,22 +521,22 @@ def plan_rows(args) -> list[dict]:
                     for offload in offloads:
                         weights = weight_bytes(model, fp8, offload)
                         rows.append({"model": name, "frames": frames, "tokens": tokens, "ckpt": ckpt, "fp8": fp8,
-                                     "offload": offload, "weights": weights, "adapter": adapter_bytes(model),
-                                     "saved": acts["saved"], "activations": acts["peak"],
-                                     "total": weights + adapter_bytes(model) + acts["peak"]})
+                                     "offload": offload, "weights": weights, "adapter": adapter,
+                                     "held": acts["held"], "activations": acts["peak"],
+                                     "total": weights + adapter + acts["peak"]})
     return rows
 
 
 def format_plan(rows: list[dict]) -> str:
     """The markdown table of plan_rows; a card fits when the total is at most HEADROOM of it."""
     head = ["| model | frames (L) | grad ckpt | weights | offloaded blocks | weights GiB | adapter+AdamW GiB "
-            "| saved for bwd GiB | activation peak GiB | total GiB | fits (GiB cards) |", "|" + "---|" * 11]
+            "| held for backward GiB | activation peak GiB | total GiB | fits (GiB cards) |", "|" + "---|" * 11]
     lines = []
     for r in rows:
         fits = " ".join(str(card) for card in CARDS_GIB if r["total"] <= HEADROOM * card * GIB) or "none"
         cells = [r["model"].removeprefix("wan2.1-t2v-"), f"{r['frames']} ({r['tokens']})", "on" if r["ckpt"] else "off",
                  "fp8" if r["fp8"] else "bf16", str(r["offload"]),
-                 *(f"{r[key] / GIB:.2f}" for key in ("weights", "adapter", "saved", "activations", "total")), fits]
+                 *(f"{r[key] / GIB:.2f}" for key in ("weights", "adapter", "held", "activations", "total")), fits]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(head + lines)
 
@@ -593,6 +596,11 @@ def main(args: argparse.Namespace) -> tuple[list[dict], str]:
     return rows, table
 
 
+def blocks_count(text: str) -> str:
+    """--offload's type: a number of blocks or 'all' (argparse names this function in its error)."""
+    return text if text == "all" else str(int(text))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # what to measure
@@ -624,10 +632,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: 1.3B and 14B at 480x832, 33 49 81 frames)")
     p.add_argument("--stage", choices=("set", "sequence"), default="sequence",
                    help="--plan: the stage whose tensors train (sequence: the clip stage)")
-    p.add_argument("--offload", nargs="+", default=["0", "all"],
+    p.add_argument("--offload", nargs="+", default=["0", "all"], type=blocks_count,
                    help="--plan: numbers of DiT blocks kept on the CPU and streamed in; 'all' = every block")
     p.add_argument("--plan-full-depth", action="store_true",
-                   help="--plan: run every block instead of extrapolating from 2- and 3-block runs (same result, slower)")
+                   help="--plan: run every block, not 2- and 3-block models extrapolated (same bytes, slower)")
     p.add_argument("--write-docs", action="store_true", help="--plan: also write the table into docs/performance.md")
     return p.parse_args(argv)
 

@@ -1,4 +1,5 @@
-"""The training data of the two Set-and-Sequence stages: cached latents and text states, and batches.
+"""The training data of the two Set-and-Sequence stages: what to train on (videos, prompts, tokens,
+the run folder), cached latents and text states, and batches.
 
 Training never touches pixels: each video (read by video.py) is VAE-encoded once and cached as
 safetensors, twice over (docs/method.md#the-two-stages-and-inference):
@@ -12,6 +13,7 @@ h w latent height/width (H / 8, W / 8), P prompts, S text tokens, D text width.
 """
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -19,8 +21,145 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from lora.lora import read_adapter_meta
 from model.files import atomic_path
 from video import IMAGE_EXTENSIONS, read_video, require_exists
+
+# ----------------------------------------------------------------------------- what to train on
+
+# Generic prompts for prior preservation with a real Wan model (docs/method.md#regularization);
+# a model folder may ship its own in prior_prompts.txt (the toy model does).
+GENERIC_PROMPTS = ["A man in a blue t-shirt. He is walking in a park.",
+                   "A woman in a red dress dancing in a living room.",
+                   "A dog running on a beach at sunset.",
+                   "A child riding a bicycle on a quiet street."]
+
+@dataclass
+class Concept:
+    """One video to personalize on, with its two prompts and the rare tokens that name it."""
+    video: str
+    static_prompt: str   # stage set: "a [v] ..."
+    motion_prompt: str   # stage sequence: "a [v] ... [u] motion"
+    id_token: str | None
+    motion_token: str | None
+    edits: tuple[str, ...] = ()   # prompts that re-stage it (the toy's examples have some): previews show them
+
+
+def single_files(args) -> dict[str, str | None]:
+    """The part files given one by one (ComfyUI single files), as load_wan's overrides."""
+    return {"dit": args.dit, "vae": args.vae, "text_encoder": args.text_encoder, "tokenizer": args.tokenizer}
+
+
+def concepts_from_flags(args) -> list[Concept]:
+    """--video entries with their prompts; without --model, the toy world's example concept fills in."""
+    known = {}
+    if args.model is None and args.dit is None:
+        from toy import TOY_MODEL, example_concepts
+        args.model = TOY_MODEL
+        known = {os.path.normpath(c["file"]): c for c in example_concepts()}
+    videos = args.video or list(known)[:1]
+    if not videos:
+        raise ValueError("--video is required with --model (the toy model alone has a default video)")
+    for flag in ("prompt", "motion_prompt", "id_token", "motion_token"):
+        given = getattr(args, flag) or []
+        if given and len(given) != len(videos):
+            raise ValueError(f"--{flag.replace('_', '-')} given {len(given)} times for {len(videos)} --video "
+                             "entries: give it once per video, in the same order")
+    concepts = []
+    for i, video in enumerate(videos):
+        default = known.get(os.path.normpath(os.path.abspath(video)), {})
+        # A caption file next to the video (clip.mp4 -> clip.txt): its first line is the static prompt,
+        # its second the motion prompt, as trainers that read captions from .txt files expect.
+        caption = os.path.splitext(video)[0] + ".txt"
+        if os.path.isfile(caption):
+            with open(caption) as f:
+                lines = [line.strip() for line in f if line.strip()]
+            default = {**default, **dict(zip(("static_prompt", "motion_prompt"), lines))}
+        pick = lambda flag, key: (getattr(args, flag) or [None] * len(videos))[i] or default.get(key)  # noqa: E731
+        concepts.append(Concept(video, pick("prompt", "static_prompt"), pick("motion_prompt", "motion_prompt"),
+                                pick("id_token", "identity_token"), pick("motion_token", "motion_token"),
+                                tuple(edit["prompt"] for edit in default.get("edits", []))))
+    return concepts
+
+
+def resolve_run(args) -> tuple[list[Concept], str]:
+    """The concepts to train and the run folder. Stage sequence continues the stage-set run in that
+    folder: its videos, prompts, tokens and size come from the stage-set adapter unless flags say otherwise."""
+    if args.stage == "sequence" and not args.video and args.run_dir:
+        if args.model is None and args.dit is None:
+            from toy import TOY_MODEL
+            args.model = TOY_MODEL
+        concepts = []
+    else:
+        concepts = concepts_from_flags(args)
+    run_dir = args.run_dir or os.path.join("runs", os.path.splitext(os.path.basename(concepts[0].video))[0])
+    set_path = os.path.join(run_dir, "set.safetensors")
+    if args.stage == "sequence":
+        if not os.path.exists(set_path):
+            raise ValueError(f"stage sequence needs the stage-set adapter {set_path}: run "
+                             f"`python train.py --stage set` first with the same --run-dir")
+        trained = read_adapter_meta(set_path).get("concepts")
+        if trained and concepts and [os.path.abspath(c.video) for c in concepts] != \
+                [os.path.abspath(c["video"]) for c in trained]:
+            raise ValueError(f"{set_path} was trained on {[c['video'] for c in trained]}, not "
+                             f"{[c.video for c in concepts]}: stage sequence continues that run; omit --video "
+                             "(the stage-set run's videos and prompts are used) or pass another --run-dir")
+        if trained:   # flags given for this stage win; the rest comes from the stage-set run
+            flagged = {f: getattr(args, f) or [None] * len(trained)
+                       for f in ("prompt", "motion_prompt", "id_token", "motion_token")}
+            concepts = [Concept(c["video"], flagged["prompt"][i] or c["static_prompt"],
+                                flagged["motion_prompt"][i] or c["motion_prompt"],
+                                flagged["id_token"][i] or c["id_token"],
+                                flagged["motion_token"][i] or c["motion_token"], tuple(c.get("edits", ())))
+                        for i, c in enumerate(trained)]
+            for key in ("frames", "height", "width"):
+                if getattr(args, key) is None:
+                    setattr(args, key, read_adapter_meta(set_path).get("size", {}).get(key))
+        elif not concepts:
+            raise ValueError(f"{set_path} does not record its videos (an older file): pass --video and the prompts")
+    for concept in concepts:
+        if not concept.static_prompt or not concept.motion_prompt:
+            raise ValueError(f"{concept.video}: give --prompt (static, with the identity token) and --motion-prompt")
+        # A prompt without its rare token cannot bind the concept to a word: warn, do not stop.
+        for prompt, token in ((concept.static_prompt, concept.id_token), (concept.motion_prompt, concept.id_token),
+                              (concept.motion_prompt, concept.motion_token)):
+            if token and token not in prompt.split():
+                print(f"warning: prompt {prompt!r} does not contain the token {token!r}", file=sys.stderr)
+    return concepts, run_dir
+
+
+def preview_prompts(args, concepts: list[Concept]) -> list[str]:
+    """--sample-prompts (one prompt a line), else each concept's motion prompt and its known edits."""
+    if args.sample_prompts:
+        with open(args.sample_prompts) as f:
+            prompts = [line.strip() for line in f if line.strip()]
+        if not prompts:
+            raise ValueError(f"--sample-prompts {args.sample_prompts} has no prompt: write one prompt a line")
+        return prompts
+    return [p for c in concepts for p in (c.motion_prompt, *c.edits)]
+
+
+def prior_prompts(args) -> list[str]:
+    """Generic prompts for prior preservation: the model folder's prior_prompts.txt, else GENERIC_PROMPTS."""
+    prompts_file = os.path.join(args.model or "", "prior_prompts.txt")
+    prompts = GENERIC_PROMPTS
+    if os.path.exists(prompts_file):
+        with open(prompts_file) as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    return prompts[:args.prior_count]
+
+
+def warn_split_tokens(tokenizer, concepts: list[Concept]) -> None:
+    """A rare token should be one piece of the tokenizer's vocabulary; warn when it splits into several."""
+    for concept in concepts:
+        for token in (concept.id_token, concept.motion_token):
+            pieces = tokenizer.sp.encode(token, out_type=str) if token else []
+            if len(pieces) > 1:
+                print(f"warning: the token {token!r} is {len(pieces)} pieces for this model's tokenizer "
+                      f"({' '.join(pieces)}): a rare word that is one piece binds the concept better "
+                      "(the toy model knows: dax wug blick toma zorp fep)", file=sys.stderr)
+
+
 
 # ----------------------------------------------------------------------------- latent and text caches
 

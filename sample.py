@@ -20,6 +20,7 @@ from tqdm import tqdm
 from lora.lora import apply_adapters, read_adapter_meta
 from model.files import check_writable
 from model.loader import DTYPES, load_wan, wan_model_id
+from model.offload import offload_blocks
 from model.pipeline import check_size, generate_latents, latent_shape
 from model.text_encoder import encode_prompts
 from video import VIDEO_MUXERS, VideoError, check_video_size, side_by_side, write_video
@@ -91,8 +92,12 @@ def main(args: argparse.Namespace) -> str:
     context = states[:-1]                                                     # (B, S, D)
     negative = states[-1:].expand_as(context) if guidance > 1 else None
 
-    dit = load_wan(args.model, parts=("dit",), device=device, dtype=dtype, **single_files).dit
+    where = "cpu" if args.offload_blocks else device   # offload_blocks moves what stays to the device
+    dit = load_wan(args.model, parts=("dit",), device=where, dtype=dtype, fp8=args.fp8, **single_files).dit
     apply_adapters(dit, adapters, wan_model_id(cfg), args.s_id, args.s_mot)
+    if args.offload_blocks:
+        dit.requires_grad_(False)
+        offload_blocks(dit, args.offload_blocks, device)
     # One noise for every prompt: the panels differ only by their text.
     shape = latent_shape(cfg, 1, frames, height, width)
     noise_seed = torch.Generator().manual_seed(args.seed)
@@ -153,6 +158,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gif", action="store_true", help="also write a .gif next to it")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weight dtype (bf16 on GPUs)")
+    p.add_argument("--fp8", action="store_true", help="store the DiT block linears in fp8 with a scale (half of bf16)")
+    p.add_argument("--offload-blocks", type=int, default=0, help="keep the first N DiT blocks in CPU memory, "
+                   "copied in as they run (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s: it stays fast when "
                    "other jobs share the cores, where 2 threads on a 2-core machine ran 15-150x slower)")
     return p.parse_args(argv)

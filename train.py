@@ -21,30 +21,26 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
 
-from data import VideoLatents, cache_latents, cache_tensor, cache_text
-from data import sequence_batches, set_batches
+from data import Concept, VideoLatents, cache_latents, cache_tensor, cache_text, preview_prompts
+from data import prior_prompts, resolve_run, sequence_batches, set_batches, single_files, warn_split_tokens
 from lora.export import export_lora, export_split
-from lora.lora import adapter_state_dict, inject, load_adapter_file, read_adapter_meta, save_adapter
+from lora.lora import adapter_state_dict, inject, load_adapter_file, save_adapter
 from lora.lora import set_stage, trainable_parameters
 from model.checkpoint import weights_fingerprint
 from model.files import atomic_path
 from model.flow import flow_matching_loss, sample_train_sigmas
 from model.loader import DTYPES, load_wan
+from model.offload import offload_blocks
+from model.parallel import Ranks, barrier, gather, init_ranks, reshard_all, shard_frozen_linears, share
+from model.parallel import sum_gradients, sum_values
 from model.pipeline import check_size, generate_latents
 from model.text_encoder import encode_prompts
 from video import VideoError, check_video_size, side_by_side, write_video
-
-# Generic prompts for prior preservation with a real Wan model (docs/method.md#regularization);
-# a model folder may ship its own in prior_prompts.txt (the toy model does).
-GENERIC_PROMPTS = ["A man in a blue t-shirt. He is walking in a park.",
-                   "A woman in a red dress dancing in a living room.",
-                   "A dog running on a beach at sunset.",
-                   "A child riding a bicycle on a quiet street."]
 
 # Steps per stage (docs/method.md: the paper's 600 and 900; stage single gets their sum, same total work).
 DEFAULT_STEPS = {"set": 600, "sequence": 900, "single": 1500}
@@ -61,121 +57,6 @@ TRAINING_DEFAULTS = {
     "toy": {"rank": 32, "lr": 3e-3, "batch": 8, "grad_accum": 1, "text_mask": 0.0, "drop_set": 0.3,
             "drop_sequence": 0.2, "prior_weight": 0.0625},
 }
-
-
-@dataclass
-class Concept:
-    """One video to personalize on, with its two prompts and the rare tokens that name it."""
-    video: str
-    static_prompt: str   # stage set: "a [v] ..."
-    motion_prompt: str   # stage sequence: "a [v] ... [u] motion"
-    id_token: str | None
-    motion_token: str | None
-    edits: tuple[str, ...] = ()   # prompts that re-stage it (the toy's examples have some): previews show them
-
-
-def single_files(args: argparse.Namespace) -> dict[str, str | None]:
-    """The part files given one by one (ComfyUI single files), as load_wan's overrides."""
-    return {"dit": args.dit, "vae": args.vae, "text_encoder": args.text_encoder, "tokenizer": args.tokenizer}
-
-
-def concepts_from_flags(args: argparse.Namespace) -> list[Concept]:
-    """--video entries with their prompts; without --model, the toy world's example concept fills in."""
-    known = {}
-    if args.model is None and args.dit is None:
-        from toy import TOY_MODEL, example_concepts
-        args.model = TOY_MODEL
-        known = {os.path.normpath(c["file"]): c for c in example_concepts()}
-    videos = args.video or list(known)[:1]
-    if not videos:
-        raise ValueError("--video is required with --model (the toy model alone has a default video)")
-    for flag in ("prompt", "motion_prompt", "id_token", "motion_token"):
-        given = getattr(args, flag) or []
-        if given and len(given) != len(videos):
-            raise ValueError(f"--{flag.replace('_', '-')} given {len(given)} times for {len(videos)} --video "
-                             "entries: give it once per video, in the same order")
-    concepts = []
-    for i, video in enumerate(videos):
-        default = known.get(os.path.normpath(os.path.abspath(video)), {})
-        # A caption file next to the video (clip.mp4 -> clip.txt): its first line is the static prompt,
-        # its second the motion prompt, as trainers that read captions from .txt files expect.
-        caption = os.path.splitext(video)[0] + ".txt"
-        if os.path.isfile(caption):
-            with open(caption) as f:
-                lines = [line.strip() for line in f if line.strip()]
-            default = {**default, **dict(zip(("static_prompt", "motion_prompt"), lines))}
-        pick = lambda flag, key: (getattr(args, flag) or [None] * len(videos))[i] or default.get(key)  # noqa: E731
-        concepts.append(Concept(video, pick("prompt", "static_prompt"), pick("motion_prompt", "motion_prompt"),
-                                pick("id_token", "identity_token"), pick("motion_token", "motion_token"),
-                                tuple(edit["prompt"] for edit in default.get("edits", []))))
-    return concepts
-
-
-def resolve_run(args: argparse.Namespace) -> tuple[list[Concept], str]:
-    """The concepts to train and the run folder. Stage sequence continues the stage-set run in that
-    folder: its videos, prompts, tokens and size come from the stage-set adapter unless flags say otherwise."""
-    if args.stage == "sequence" and not args.video and args.run_dir:
-        if args.model is None and args.dit is None:
-            from toy import TOY_MODEL
-            args.model = TOY_MODEL
-        concepts = []
-    else:
-        concepts = concepts_from_flags(args)
-    run_dir = args.run_dir or os.path.join("runs", os.path.splitext(os.path.basename(concepts[0].video))[0])
-    set_path = os.path.join(run_dir, "set.safetensors")
-    if args.stage == "sequence":
-        if not os.path.exists(set_path):
-            raise ValueError(f"stage sequence needs the stage-set adapter {set_path}: run "
-                             f"`python train.py --stage set` first with the same --run-dir")
-        trained = read_adapter_meta(set_path).get("concepts")
-        if trained and concepts and [os.path.abspath(c.video) for c in concepts] != \
-                [os.path.abspath(c["video"]) for c in trained]:
-            raise ValueError(f"{set_path} was trained on {[c['video'] for c in trained]}, not "
-                             f"{[c.video for c in concepts]}: stage sequence continues that run; omit --video "
-                             "(the stage-set run's videos and prompts are used) or pass another --run-dir")
-        if trained:   # flags given for this stage win; the rest comes from the stage-set run
-            flagged = {f: getattr(args, f) or [None] * len(trained)
-                       for f in ("prompt", "motion_prompt", "id_token", "motion_token")}
-            concepts = [Concept(c["video"], flagged["prompt"][i] or c["static_prompt"],
-                                flagged["motion_prompt"][i] or c["motion_prompt"],
-                                flagged["id_token"][i] or c["id_token"],
-                                flagged["motion_token"][i] or c["motion_token"], tuple(c.get("edits", ())))
-                        for i, c in enumerate(trained)]
-            for key in ("frames", "height", "width"):
-                if getattr(args, key) is None:
-                    setattr(args, key, read_adapter_meta(set_path).get("size", {}).get(key))
-        elif not concepts:
-            raise ValueError(f"{set_path} does not record its videos (an older file): pass --video and the prompts")
-    for concept in concepts:
-        if not concept.static_prompt or not concept.motion_prompt:
-            raise ValueError(f"{concept.video}: give --prompt (static, with the identity token) and --motion-prompt")
-        # A prompt without its rare token cannot bind the concept to a word: warn, do not stop.
-        for prompt, token in ((concept.static_prompt, concept.id_token), (concept.motion_prompt, concept.id_token),
-                              (concept.motion_prompt, concept.motion_token)):
-            if token and token not in prompt.split():
-                print(f"warning: prompt {prompt!r} does not contain the token {token!r}", file=sys.stderr)
-    return concepts, run_dir
-
-
-def preview_prompts(args, concepts: list[Concept]) -> list[str]:
-    """--sample-prompts (one prompt a line), else each concept's motion prompt and its known edits."""
-    if args.sample_prompts:
-        with open(args.sample_prompts) as f:
-            prompts = [line.strip() for line in f if line.strip()]
-        if not prompts:
-            raise ValueError(f"--sample-prompts {args.sample_prompts} has no prompt: write one prompt a line")
-        return prompts
-    return [p for c in concepts for p in (c.motion_prompt, *c.edits)]
-
-
-def prior_prompts(args) -> list[str]:
-    """Generic prompts for prior preservation: the model folder's prior_prompts.txt, else GENERIC_PROMPTS."""
-    prompts_file = os.path.join(args.model or "", "prior_prompts.txt")
-    prompts = GENERIC_PROMPTS
-    if os.path.exists(prompts_file):
-        with open(prompts_file) as f:
-            prompts = [line.strip() for line in f if line.strip()]
-    return prompts[:args.prior_count]
 
 
 def prior_latents(args, dit, cfg, states: torch.Tensor, negative: torch.Tensor, shape, path: str,
@@ -223,11 +104,12 @@ def plot_losses(log_path: str, svg_path: str, width: int = 640, height: int = 24
         f.write(svg)
 
 
-def rng_states(noise_gen: torch.Generator) -> dict:
-    """The random streams a step draws from: noise/sigmas/text masks, and the DropConnect masks."""
-    states = {"noise_gen": noise_gen.get_state(), "rng": torch.get_rng_state()}
+def rng_states(noise_gen: torch.Generator, ranks: Ranks) -> dict:
+    """The random streams a step draws from: noise/sigmas/text masks (the same on every rank), and
+    each rank's own DropConnect masks (every rank calls this: it gathers them)."""
+    states = {"noise_gen": noise_gen.get_state(), "rng": gather(torch.get_rng_state(), ranks)}
     if torch.cuda.is_available():
-        states["cuda_rng"] = torch.cuda.get_rng_state_all()   # DropConnect masks on the GPU
+        states["cuda_rng"] = gather(torch.cuda.get_rng_state(), ranks)   # DropConnect masks on the GPU
     return states
 
 
@@ -239,21 +121,11 @@ def save_state(path: str, step: int, model, optimizer, rng: dict, losses: list[f
         torch.save(state, tmp)
 
 
-def warn_split_tokens(tokenizer, concepts: list[Concept]) -> None:
-    """A rare token should be one piece of the tokenizer's vocabulary; warn when it splits into several."""
-    for concept in concepts:
-        for token in (concept.id_token, concept.motion_token):
-            pieces = tokenizer.sp.encode(token, out_type=str) if token else []
-            if len(pieces) > 1:
-                print(f"warning: the token {token!r} is {len(pieces)} pieces for this model's tokenizer "
-                      f"({' '.join(pieces)}): a rare word that is one piece binds the concept better "
-                      "(the toy model knows: dax wug blick toma zorp fep)", file=sys.stderr)
-
-
 def main(args: argparse.Namespace) -> str:
     """Check the flags, train in the run folder, and leave no empty folder behind if it fails."""
     check_flags(args)
     torch.set_num_threads(args.threads)
+    ranks = init_ranks(args.device, args.dist_timeout)   # one process, or one of torchrun's
     concepts, run_dir = resolve_run(args)
     made = [d for d in (run_dir, os.path.join(run_dir, "cache")) if not os.path.isdir(d)]
     try:
@@ -261,18 +133,25 @@ def main(args: argparse.Namespace) -> str:
     except OSError as error:
         raise ValueError(f"cannot create the run folder {run_dir!r} ({error.strerror}): choose another --run-dir")
     try:
-        return train(args, concepts, run_dir)
+        return train(args, concepts, run_dir, ranks)
+    except RuntimeError as error:
+        if ranks.world == 1:
+            raise
+        # A collective failed or timed out: another rank died or was stopped. Nothing is half-written
+        # (every write is atomic), and the last resume state is whole.
+        raise SystemExit(f"train.py: error: rank {ranks.rank}: another process of this run failed or stopped "
+                         f"({str(error).splitlines()[0][:200]}); resume from the last state with --resume") from None
     finally:
         for folder in reversed(made):          # only what this run created, and only if still empty
             if os.path.isdir(folder) and not os.listdir(folder):
                 os.rmdir(folder)
 
 
-def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str) -> str:
+def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str, ranks: Ranks) -> str:
     set_path, adapter_path = (os.path.join(run_dir, f"{s}.safetensors") for s in ("set", args.stage))
-    torch.manual_seed(args.seed)  # the global RNG draws the DropConnect masks
-
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    torch.manual_seed(args.seed)  # the adapter's initialization: the same on every rank
+    device = torch.device(f"cuda:{ranks.local_rank}" if args.device == "cuda" and ranks.world > 1 else args.device)
+    dtype = DTYPES[args.dtype]
     configs = load_wan(args.model, parts=(), **single_files(args))           # configs only, no tensor read
     model_id, cfg = configs.model_id, configs.cfg
     frames, height, width = args.frames or cfg.num_frames, args.height or cfg.height, args.width or cfg.width
@@ -291,8 +170,13 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str) -> st
 
     # ---- 1. Cache what the loop reads: latents and text states, then prior samples. The VAE and the
     # umT5 (11 GB for Wan) are loaded only if a cache misses, and freed before the DiT is loaded.
+    # With several ranks, rank 0 computes and writes the caches while the others wait, then they read.
+    if not ranks.main:
+        barrier(ranks)
     def load_part(part: str):
-        return load_wan(args.model, parts=(part,), device=device, dtype=dtype, **single_files(args))
+        # --offload-blocks: the DiT is built in CPU memory; offload_blocks puts what stays on the device
+        where = "cpu" if part == "dit" and args.offload_blocks else device
+        return load_wan(args.model, parts=(part,), device=where, dtype=dtype, fp8=args.fp8, **single_files(args))
     load = functools.cache(load_part)                    # each encoder once, and only if a cache misses
 
     def encode(prompts: list[str]) -> torch.Tensor:
@@ -317,12 +201,15 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str) -> st
     load.cache_clear()                                   # the encoders go before the DiT comes
     dit = load_part("dit").dit
     dit.requires_grad_(False)
+    offload = offload_blocks(dit, args.offload_blocks, device) if args.offload_blocks else None
     prior = None
     if hp["prior_weight"] > 0:
         # Stage set sees the prior as images (1-frame videos), stage sequence as clips, like the concept.
         shape = videos[0].frames.shape[1:] if args.stage == "set" else videos[0].clip.shape  # (C, F, H, W)
         prior = prior_latents(args, dit, cfg, prior_text, negative, tuple(shape),
-                              cache(f"prior-{args.stage}.safetensors"), {"model": cache_id})
+                              cache(f"prior-{args.stage}.safetensors"), {"model": cache_id, "fp8": str(args.fp8)})
+    if ranks.main:
+        barrier(ranks)                                   # the caches are written: the other ranks read them
 
     # ---- 2. The adapter: fresh for stage set; stage sequence continues from the stage-set file.
     if args.stage == "sequence":
@@ -332,13 +219,24 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str) -> st
         inject(dit, rank=hp["rank"], alpha=args.alpha, basis_side=args.basis_side)
         # stage single trains the same tensors as stage set: a plain LoRA, no DropConnect by default
         set_stage(dit, "set", p=drop)
+    if offload:   # again, now with the adapters: they are created in CPU memory and must live on the device
+        offload.remove()
+        offload_blocks(dit, args.offload_blocks, device)
+    torch.manual_seed(args.seed + ranks.rank)  # the global RNG draws the DropConnect masks: each rank its own
     dit.train()
     dit.gradient_checkpointing = args.grad_ckpt
+    # What checkpointing keeps of each block input: fp32 on the device, or bf16, and/or in CPU memory.
+    dit.activation_dtype = torch.bfloat16 if "bf16" in args.activations else None
+    dit.activation_offload = args.activations.endswith("cpu")
     params = trainable_parameters(dit)
+    # --shard-base: each rank keeps 1/N of the frozen block linears (FSDP2); the adapter stays whole.
+    sharded = shard_frozen_linears(dit, ranks) if args.shard_base and ranks.world > 1 else []
     optimizer = torch.optim.AdamW(params.values(), lr=hp["lr"], betas=(0.9, 0.99), weight_decay=args.weight_decay)
     micro, accum = hp["batch"], hp["grad_accum"]
-    tqdm.write(f"effective batch {micro * accum} concept samples (micro-batch {micro} x {accum} accumulated)"
-               + (f" + {args.prior_batch} prior samples" if prior is not None else "") + " per optimizer step")
+    if ranks.main:
+        tqdm.write(f"effective batch {micro * accum * ranks.world} concept samples (micro-batch {micro} x {accum} "
+                   f"accumulated x {ranks.world} processes)" + (f" + {args.prior_batch} prior samples"
+                                                                 if prior is not None else "") + " per optimizer step")
 
     # ---- 3. Resume: restore adapter, optimizer and RNGs; the batch iterators are replayed.
     data_gen, noise_gen = torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(args.seed + 1)
@@ -349,14 +247,20 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str) -> st
             for key, tensor in state["adapter"].items():
                 dit.get_parameter(key).copy_(tensor)
         optimizer.load_state_dict(state["optimizer"])
+        if len(state["rng"]) != ranks.world:
+            raise ValueError(f"{state_path} was written by a run of {len(state['rng'])} processes, this one has "
+                             f"{ranks.world}: resume with --nproc-per-node {len(state['rng'])} (the samples of a "
+                             "step are split by the number of processes)")
         noise_gen.set_state(state["noise_gen"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"][ranks.rank])
         if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+            torch.cuda.set_rng_state(state["cuda_rng"][ranks.rank])
         start, losses = state["step"], state["losses"]
     # Stage set: random single frames of the video(s) (no order can leak); sequence: the ordered clip.
     # One draw is an optimizer step's worth of samples, so --batch only decides how many run at once.
-    batches = (set_batches if args.stage == "set" else sequence_batches)(videos, micro * accum, data_gen)
+    # Every rank draws the same samples (same seeds) and trains on its share of them (model/parallel.py).
+    batches = (set_batches if args.stage == "set" else sequence_batches)(videos, micro * accum * ranks.world,
+                                                                         data_gen)
 
     def next_batch() -> list[tuple[torch.Tensor, torch.Tensor, float]]:
         """One optimizer step's data: [(latents (N, C, F, H, W), text (N, S, D), loss weight per sample)].
@@ -381,11 +285,14 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str) -> st
     # The log: one JSON line per step; a resumed run first drops the lines past its state's step.
     log_path = os.path.join(run_dir, f"{args.stage}-log.jsonl")
     kept = open(log_path).readlines()[:start] if start and os.path.exists(log_path) else []
-    log = open(log_path, "w")
+    log = open(log_path if ranks.main else os.devnull, "w")     # only rank 0 writes files
     log.writelines(kept)
 
     def preview(at_step: int) -> None:
-        """Sample the preview prompts from a fixed seed into <run-dir>/previews/ (mp4 and GIF)."""
+        """Sample the preview prompts from a fixed seed into <run-dir>/previews/ (mp4 and GIF).
+
+        Every rank samples (a sharded DiT needs them all for each forward); rank 0 decodes and writes.
+        """
         # Sampling draws from its own generator and runs without DropConnect; the global RNG (the
         # training's DropConnect masks) is put back anyway, so a run with previews trains the same adapter.
         rng = torch.get_rng_state()
@@ -395,24 +302,27 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str) -> st
                                     cfg.sample_steps, cfg.sample_shift, cfg.guidance_scale,
                                     torch.Generator().manual_seed(args.seed), progress=False)
                    for i in range(len(preview_text))]
-        vae = preview_vae()
-        with torch.no_grad():
-            clips = [vae.decode(z.to(device, next(vae.parameters()).dtype))[0].float().cpu() for z in latents]
-        strip = side_by_side([clip.transpose(0, 1) for clip in clips])          # (T, 3, H, P*W + gaps)
-        out = os.path.join(run_dir, "previews", f"{args.stage}-step{at_step:06d}")
-        write_video(out + ".mp4", strip, fps=cfg.fps)
-        write_video(out + ".gif", strip, fps=cfg.fps)
+        reshard_all(sharded)
+        if ranks.main:
+            vae = preview_vae()
+            with torch.no_grad():
+                clips = [vae.decode(z.to(device, next(vae.parameters()).dtype))[0].float().cpu() for z in latents]
+            strip = side_by_side([clip.transpose(0, 1) for clip in clips])          # (T, 3, H, P*W + gaps)
+            out = os.path.join(run_dir, "previews", f"{args.stage}-step{at_step:06d}")
+            write_video(out + ".mp4", strip, fps=cfg.fps)
+            write_video(out + ".gif", strip, fps=cfg.fps)
         dit.train()
         torch.set_rng_state(rng)
 
     # ---- 4. The loop: per optimizer step, the concept samples and then the prior samples, each run in
     # micro-batches whose gradients add up (what fits in memory decides --batch, not the result).
     steps = args.steps or DEFAULT_STEPS[args.stage]
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"stage {args.stage}")
-    step, at_start = start, rng_states(noise_gen)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"stage {args.stage}", disable=not ranks.main)
+    step, at_start = start, None
     try:
         for step in bar:
-            at_start = rng_states(noise_gen)                 # what an interrupted step resumes from
+            if ranks.world == 1:
+                at_start = rng_states(noise_gen, ranks)      # what an interrupted step resumes from
             optimizer.zero_grad(set_to_none=True)
             lr = learning_rate(step, steps, hp["lr"], args.lr_schedule, args.warmup)
             for group in optimizer.param_groups:
@@ -428,8 +338,9 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str) -> st
                 sigmas = sample_train_sigmas(len(x0), noise_gen, shift=args.train_shift or cfg.sample_shift,
                                              mode=args.timesteps)                               # (N,)
                 noise = torch.randn(x0.shape, generator=noise_gen)                              # CPU noise
-                for i in range(0, len(x0), micro):
-                    part = slice(i, i + micro)
+                mine = share(len(x0), ranks)                     # this rank's share of the group's samples
+                for i in range(mine.start, mine.stop, micro):
+                    part = slice(i, min(i + micro, mine.stop))
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                         per_sample = flow_matching_loss(dit, x0[part].to(device), noise[part].to(device),
                                                         sigmas[part].to(device),
@@ -439,7 +350,10 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str) -> st
                         raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower --lr or use --dtype "
                                                  f"fp32; the last good state is {state_path}")
                     loss.backward()                                  # gradients add up over micro-batches
+                    reshard_all(sharded)
                     group_loss[g] += loss.item()
+            sum_gradients(list(params.values()), ranks)          # the whole step's gradient on every rank
+            group_loss = sum_values(group_loss, ranks)
             grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), args.clip)
             optimizer.step()
             losses.append(sum(group_loss))
@@ -451,8 +365,10 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str) -> st
             if args.sample_every and (step + 1) % args.sample_every == 0:
                 preview(step + 1)
             if (step + 1) % args.save_every == 0 and step + 1 < steps:
-                save_state(state_path, step + 1, dit, optimizer, rng_states(noise_gen), losses)
-                if args.keep:   # an adapter along the way, loadable by sample.py; only the last --keep stay
+                rng = rng_states(noise_gen, ranks)               # every rank: the DropConnect streams are gathered
+                if ranks.main:
+                    save_state(state_path, step + 1, dit, optimizer, rng, losses)
+                if args.keep and ranks.main:   # an adapter along the way, for sample.py; the last --keep stay
                     save_adapter(os.path.join(run_dir, f"{args.stage}-step{step + 1:06d}.safetensors"), dit,
                                  {**meta, "steps": step + 1})
                     for old in sorted(glob.glob(os.path.join(run_dir, f"{args.stage}-step*.safetensors")))[:-args.keep]:
@@ -460,22 +376,27 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str) -> st
                     plot_losses(log_path, os.path.join(run_dir, f"{args.stage}-loss.svg"))
     except KeyboardInterrupt:  # Ctrl-C: keep what was trained and say how to go on
         bar.close()
+        if ranks.world > 1:   # the ranks stop at different points: the last --save-every state is the one to use
+            saved = len(losses) // args.save_every * args.save_every
+            raise SystemExit(f"\ninterrupted; resume from {state_path} (step {saved}): the same command with --resume")
         # mid-step: the streams as the step found them; between steps: as they are now
-        save_state(state_path, len(losses), dit, optimizer, at_start if len(losses) == step else rng_states(noise_gen),
-                   losses)
+        save_state(state_path, len(losses), dit, optimizer,
+                   at_start if len(losses) == step else rng_states(noise_gen, ranks), losses)
         again = [a for a in sys.argv[1:] if a != "--resume"]
         again += [] if "--run-dir" in again else ["--run-dir", run_dir]
         raise SystemExit(f"\ninterrupted at step {len(losses)}; saved {state_path}. Continue with:\n"
                          f"  python train.py {' '.join(again)} --resume")
-
     finally:
         log.close()
 
     # ---- 5. Save the adapter tensors (only what was trained), the loss plot, optionally a plain LoRA.
     dit.eval()
+    rng = rng_states(noise_gen, ranks)
+    if not ranks.main:
+        return adapter_path
     save_adapter(adapter_path, dit, {**meta, "steps": steps, "final_loss": losses[-1] if losses else None})
     plot_losses(log_path, os.path.join(run_dir, f"{args.stage}-loss.svg"))
-    save_state(state_path, steps, dit, optimizer, rng_states(noise_gen), losses)
+    save_state(state_path, steps, dit, optimizer, rng, losses)
     if args.export:
         out = os.path.join(run_dir, f"lora-{args.export}.safetensors")
         if args.split:   # two files; the strengths are set when they are loaded, not baked in
@@ -502,6 +423,10 @@ def check_flags(args: argparse.Namespace) -> None:
               (args.prior_weight is None or args.prior_weight >= 0, "--prior-weight must be >= 0"),
               (args.prior_count >= 1 and args.prior_batch >= 1, "--prior-count and --prior-batch must be >= 1"),
               (args.save_every >= 1, "--save-every must be >= 1"),
+              (args.activations == "fp32" or args.grad_ckpt, "--activations needs --grad-ckpt"),
+              (not args.shard_base or not (args.fp8 or args.offload_blocks),
+               "--shard-base shards plain linears: it does not combine with --fp8 or --offload-blocks"),
+              (args.offload_blocks >= 0, "--offload-blocks must be >= 0"),
               (args.keep >= 0 and args.warmup >= 0 and args.sample_every >= 0,
                "--keep, --warmup and --sample-every must be >= 0"), (args.threads >= 1, "--threads must be >= 1")]
     for ok, message in checks:
@@ -578,6 +503,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="base weights / autocast dtype")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing per DiT block")
+    # memory (docs/performance.md#memory)
+    p.add_argument("--fp8", action="store_true", help="store the frozen DiT block linears in fp8 (e4m3) with a "
+                   "scale, upcast per layer: half of bf16's weight memory")
+    p.add_argument("--offload-blocks", type=int, default=0, help="keep the frozen weights of the first N DiT "
+                   "blocks in CPU memory and copy each in just before it runs (default: %(default)s)")
+    p.add_argument("--activations", choices=("fp32", "bf16", "cpu", "bf16-cpu"), default="fp32",
+                   help="with --grad-ckpt: how the saved block inputs are stored (bf16 halves them, cpu moves them)")
+    # several processes (torchrun --nproc-per-node N train.py ...; docs/performance.md#many-gpus)
+    p.add_argument("--shard-base", action="store_true", help="with torchrun: shard the frozen DiT linears over "
+                   "the processes (FSDP2), for a base model that does not fit one device")
+    p.add_argument("--dist-timeout", type=float, default=600, help="seconds a process waits for the others before "
+                   "the run fails with an error, e.g. when one died (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s: it stays fast when "
                    "other jobs share the cores, where 2 threads on a 2-core machine ran 15-150x slower)")
     # export

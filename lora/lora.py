@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from model.files import atomic_path
+from model.fp8 import FP8Linear
 
 FORMAT_VERSION = 1
 BASIS_SIDES = ("output", "input")   # docs/method.md#decisions: output (a file without the key is "output")
@@ -52,7 +53,7 @@ def drop_connect(weight: torch.Tensor, p: float) -> torch.Tensor:
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus scale * basis @ (s_id * coeff + s_mot * residual) (or the input-side mirror)."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, basis_side: str = "output"):
+    def __init__(self, base: nn.Linear | FP8Linear, rank: int, alpha: float, basis_side: str = "output"):
         super().__init__()
         if basis_side not in BASIS_SIDES:
             raise ValueError(f"LoRALinear: basis_side must be one of {BASIS_SIDES}, got {basis_side!r}")
@@ -112,7 +113,9 @@ class LoRALinear(nn.Module):
         return self.scale * left @ right
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x.to(self.base.weight.dtype))             # (..., out), the frozen layer
+        # The frozen layer computes in its weight's dtype; an fp8 one in the dtype it upcasts to (model/fp8.py).
+        base_dtype = self.base.compute_dtype if isinstance(self.base, FP8Linear) else self.base.weight.dtype
+        y = self.base(x.to(base_dtype))                         # (..., out), the frozen layer
         # Two thin matmuls through the rank-r bottleneck instead of materializing W' (out, in).
         # The scale multiplies the rank-r bottleneck h, not the (..., out) output: the same product
         # with an r-wide elementwise pass instead of a full-width one (and its backward).
@@ -135,12 +138,12 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 def default_targets(model: nn.Module) -> list[str]:
     """Names of every block's self_attn q/k/v/o, cross_attn q/k/v/o, ffn.0 and ffn.2 linear."""
     return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and DEFAULT_TARGET_PATTERN.fullmatch(name)]
+            if isinstance(m, (nn.Linear, FP8Linear)) and DEFAULT_TARGET_PATTERN.fullmatch(name)]
 
 
 def inject(model: nn.Module, targets: list[str] | None = None, rank: int = 8,
            alpha: float | None = None, basis_side: str = "output") -> list[str]:
-    """Replace each target nn.Linear (full module name) by a LoRALinear; returns the targets."""
+    """Replace each target nn.Linear or FP8Linear (full module name) by a LoRALinear; returns the targets."""
     if rank < 1:
         raise ValueError(f"inject: rank must be >= 1, got {rank}")
     alpha = float(rank) if alpha is None else float(alpha)  # default scale alpha / r = 1
@@ -154,8 +157,9 @@ def inject(model: nn.Module, targets: list[str] | None = None, rank: int = 8,
             raise ValueError(f"inject: target {name!r} is not a module of the model")
         if isinstance(modules[name], LoRALinear):
             raise ValueError(f"inject: target {name!r} already has an adapter")
-        if type(modules[name]) is not nn.Linear:
-            raise ValueError(f"inject: target {name!r} is a {type(modules[name]).__name__}, not an nn.Linear")
+        if type(modules[name]) not in (nn.Linear, FP8Linear):
+            raise ValueError(f"inject: target {name!r} is a {type(modules[name]).__name__}, "
+                             "not an nn.Linear or FP8Linear")
     for name in targets:
         replace_module(model, name, LoRALinear(modules[name], rank, alpha, basis_side))
     return targets
@@ -197,8 +201,9 @@ def set_stage(model: nn.Module, stage: str, p: float | None = None) -> None:
 def merge(model: nn.Module) -> None:
     """Fold each adapter on an fp32 base into its weight (W += delta at the current s_id / s_mot), unwrap it.
 
-    Adapters on bf16 bases stay unmerged: a trained delta's entries (rms 4e-5 to 4e-4) lie near the
-    bf16 rounding step of W's (1.2e-4 for |w| ~ 2e-2), so W + delta in bf16 would lose 8-61% of it.
+    Adapters on bf16 and fp8 (model/fp8.py) bases stay unmerged: a trained delta's entries (rms 4e-5 to
+    4e-4) lie near the bf16 rounding step of W's (1.2e-4 for |w| ~ 2e-2), so W + delta in bf16 would lose
+    8-61% of it (and fp8's step is 16 times bf16's).
     """
     # Inference only: the merged model runs at the base model's speed, and a second adapter can
     # then be injected and merged on top (several concepts at once, each with its own strengths).
@@ -327,7 +332,7 @@ def load_adapter_file(model: nn.Module, path: str, model_id: str) -> dict:
 def apply_adapters(model: nn.Module, paths: list[str], model_id: str, s_id: float, s_mot: float) -> list[dict]:
     """Load each adapter strictly and apply it at strengths s_id / s_mot for inference; several stack.
 
-    fp32 layers merge each adapter before the next loads. bf16 layers keep them unmerged (see merge):
+    fp32 layers merge each adapter before the next loads. bf16 and fp8 layers keep them unmerged (see merge):
     all adapters of a layer become one LoRALinear whose factors are theirs concatenated along the
     rank, [l1 | l2] @ [r1 ; r2] = l1 @ r1 + l2 @ r2, with each scale and strength folded into l.
     """

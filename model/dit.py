@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 from torch import Tensor
+from torch.autograd.graph import saved_tensors_hooks
 from torch.nn.functional import layer_norm, pad, scaled_dot_product_attention
 from torch.utils.checkpoint import checkpoint
 
@@ -219,6 +220,33 @@ class Head(nn.Module):
             return self.head(y.to(self.head.weight.dtype)).float()  # (B, L, pt*ph*pw*C)
 
 
+class CheckpointedInput:
+    """Saved-tensor hooks for one checkpointed block call: keep its input x in another dtype and/or on the CPU.
+
+    torch.utils.checkpoint saves a block's inputs through these hooks and keeps them until backward
+    recomputes the block. Only x, the (B, L, D) fp32 residual stream, is converted: e0, context and
+    rotation are the same tensors for every block, so they are kept once whatever happens. The forward
+    pass uses x as it is; only the recompute in backward starts from the stored copy.
+    """
+
+    def __init__(self, x: Tensor, dtype: torch.dtype | None, offload: bool):
+        self.x = x
+        self.dtype = x.dtype if dtype is None else dtype
+        self.device = torch.device("cpu") if offload else x.device
+
+    def pack(self, tensor: Tensor) -> tuple[Tensor, torch.dtype | None, torch.device | None]:
+        if tensor is not self.x:
+            return tensor, None, None
+        # non_blocking: from CUDA the copy lands in pinned CPU memory and overlaps the next block; it is
+        # only read back by a copy queued after it on the same stream. No copy at all if nothing changes.
+        return tensor.detach().to(self.device, self.dtype, non_blocking=True), tensor.dtype, tensor.device
+
+    @staticmethod
+    def unpack(packed: tuple[Tensor, torch.dtype | None, torch.device | None]) -> Tensor:
+        tensor, dtype, device = packed
+        return tensor if dtype is None else tensor.to(device, dtype, non_blocking=True)
+
+
 class WanDiT(nn.Module):
     """Wan2.1 T2V DiT: predicts the flow-matching velocity of latents x at time t given text."""
 
@@ -237,6 +265,10 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         self.rope = RoPE3D(cfg)  # no parameters: not in the state dict
         self.gradient_checkpointing = False
+        # What a checkpointed block keeps of its input x until backward (CheckpointedInput): x as is, or in
+        # this dtype (bf16 halves it), and in CPU memory if activation_offload.
+        self.activation_dtype: torch.dtype | None = None
+        self.activation_offload = False
         self.init_weights()
 
     @torch.no_grad()
@@ -318,7 +350,9 @@ class WanDiT(nn.Module):
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # Keep only the block inputs; recompute the activations during backward.
-                x = checkpoint(block, x, e0, context, rotation, use_reentrant=False)
+                saved = CheckpointedInput(x, self.activation_dtype, self.activation_offload)
+                with saved_tensors_hooks(saved.pack, saved.unpack):
+                    x = checkpoint(block, x, e0, context, rotation, use_reentrant=False)
             else:
                 x = block(x, e0, context, rotation)  # (B, L, D)
 

@@ -9,11 +9,13 @@ the offending keys and the likely fix before any tensor is read: no half-loaded 
 model/checkpoint.py finds a folder's layout, weight files and config; model/keymaps.py maps the
 reference libraries' key names to ours. A file may use our names or the reference's: each is read in
 whichever explains more of its keys. Single files may hold their keys under one of
-keymaps.SINGLE_FILE_PREFIXES (ComfyUI's whole-model files).
+keymaps.SINGLE_FILE_PREFIXES (ComfyUI's whole-model files). ComfyUI's fp8 files load too: their fp8
+weights are upcast to the requested dtype, or kept in fp8 with fp8=True (model/fp8.py).
 """
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import pickle
 import zipfile
@@ -27,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from model.checkpoint import CheckpointError, config_from_dit_shapes, listing, read_folder, read_json
 from model.config import PRESETS, WanConfig
 from model.dit import WanDiT
+from model.fp8 import FP8Linear, quantize_fp8, to_fp8
 from model.keymaps import SINGLE_FILE_PREFIXES, part_keys
 from model.text_encoder import Tokenizer, UMT5Encoder
 from model.vae import WanVAE
@@ -50,10 +53,18 @@ def _strip_prefix(keys: list[str], part: str) -> dict[str, str]:
     return {key: key for key in keys}
 
 
+# ComfyUI's scaled-fp8 files: a `scaled_fp8` tensor marks the file (its dtype names the fp8 format); each
+# scaled layer stores its weight in fp8 and its scale beside it, weight = stored * `<layer>.scale_weight`
+# (one value). `<layer>.scale_input` only serves ComfyUI's fp8 x fp8 matmuls: this code upcasts the
+# weight instead, so it is not read. Unscaled fp8 files need nothing: their weights are fp8 tensors.
+SCALED_FP8_MARKER = "scaled_fp8"
+
+
 class WeightFile:
     """One part's weights: a .safetensors or .pth file, or a sharded *.index.json; tensors are read on demand.
 
     `shapes` comes from the safetensors headers alone, so checking a checkpoint reads no tensor data.
+    It leaves out ComfyUI's scaled-fp8 extras; `scales` maps each scaled weight to its scale_weight key.
     """
 
     def __init__(self, path: str, part: str):
@@ -71,6 +82,16 @@ class WeightFile:
                 if key in self.where:
                     raise CheckpointError(f"{key} is stored twice, in {self.where[key][0]} and {file}")
                 self.shapes[key], self.where[key] = shapes[stored], (file, stored)
+        self.scales: dict[str, str] = {}
+        for key in [k for k in self.shapes if k == SCALED_FP8_MARKER or k.endswith((".scale_weight", ".scale_input"))]:
+            shape = self.shapes.pop(key)
+            if key.endswith(".scale_weight"):
+                weight = key.removesuffix(".scale_weight") + ".weight"
+                # One scale for the tensor, or one per output row (as FP8Linear keeps them).
+                if weight not in self.shapes or math.prod(shape) not in (1, self.shapes[weight][0]):
+                    raise CheckpointError(f"{path}: {key} {list(shape)} is not the scale of a weight in the "
+                                          "file (expected one value, or one per output row); the file is corrupt")
+                self.scales[weight] = key
         folder = os.path.dirname(path)
         if stale := [key for key, name in index.items() if key not in stored_in[os.path.join(folder, name)]]:
             raise CheckpointError(f"{path} lists {len(stale)} keys its shards do not hold ({listing(stale)}): "
@@ -238,12 +259,24 @@ def _plan(part: str, weights: WeightFile, cfg: WanConfig) -> _Plan:
     return _Plan(part, module, weights, sources)
 
 
-def _load(plan: _Plan, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+def _load(plan: _Plan, device: torch.device | str, dtype: torch.dtype, fp8: bool = False) -> nn.Module:
     """Read the checked tensors one by one (cast right away to the policy's dtype: peak memory ~ the
-    result) and assign them."""
+    result) and assign them. fp8: the DiT's block linears become FP8Linear, their weights fp8."""
     owner = {key: ours for ours, keys in plan.sources.items() for key in keys}
+    weight_of = {scale_key: weight for weight, scale_key in plan.weights.scales.items()}
+    scales = {weight_of[key]: scale for key, scale in plan.weights.read(list(weight_of))}   # tiny: read first
+    if fp8:
+        quantize_fp8(plan.module)   # still on meta: only the layer types and the state dict keys change
+    fp8_weights = {f"{name}.weight" for name, m in plan.module.named_modules() if isinstance(m, FP8Linear)}
     state = {}
     for key, tensor in plan.weights.read(list(owner)):
+        if owner[key] in fp8_weights:
+            # An e4m3fn weight keeps its bits (and its file scale); others are quantized, on the device (fast).
+            weight, scale = to_fp8(tensor.to(device), scales.get(key))
+            state[owner[key]], state[owner[key].removesuffix("weight") + "scale"] = weight, scale
+            continue
+        if key in scales:   # a scaled-fp8 weight kept in the policy's dtype: stored * scale
+            tensor = tensor.float() * scales[key].float().reshape(-1, *[1] * (tensor.dim() - 1))
         if tensor.is_floating_point():
             tensor = tensor.to(device=device, dtype=storage_dtype(plan.part, owner[key], dtype))
         else:
@@ -271,21 +304,27 @@ def _open_tokenizer(path: str | None, cfg: WanConfig) -> Tokenizer:
     return tokenizer
 
 
-def load_part(part: str, path: str, cfg: WanConfig, device="cpu", dtype=torch.float32) -> nn.Module:
-    """One module ("dit", "vae" or "text": the umT5 alone) from a weight file or index, checked against cfg."""
+def load_part(part: str, path: str, cfg: WanConfig, device="cpu", dtype=torch.float32, fp8: bool = False) -> nn.Module:
+    """One module ("dit", "vae" or "text": the umT5 alone) from a weight file or index, checked against cfg.
+
+    fp8 (DiT only): keep the block linears in float8_e4m3fn (model/fp8.py), upcast to dtype per layer.
+    """
     if part not in PART_NAMES:
         raise ValueError(f"load_part: unknown part {part!r}; choose from {list(PART_NAMES)}")
+    if fp8 and part != "dit":
+        raise ValueError(f"load_part: fp8 storage is for the DiT's block linears, not the {PART_NAMES[part]}")
     _check_dtype(dtype, "load_part: dtype")
-    return _load(_plan(part, WeightFile(path, part), cfg), device, dtype)
+    return _load(_plan(part, WeightFile(path, part), cfg), device, dtype, fp8)
 
 
 def load_wan(model: str | None, parts=("dit", "vae", "text"), device="cpu", dtype=torch.float32,
              dit: str | None = None, vae: str | None = None, text_encoder: str | None = None,
-             tokenizer: str | None = None, vae_dtype=torch.float32) -> WanModels:
+             tokenizer: str | None = None, vae_dtype=torch.float32, fp8: bool = False) -> WanModels:
     """Load the requested parts ("dit", "vae", "text" = umT5 + tokenizer) of a Wan2.1 T2V model.
 
     dtype: the DiT's and umT5's (fp32 or bf16; a few DiT modules stay fp32: DIT_FP32_MODULES);
     vae_dtype: the VAE's, fp32 by default as in the original.
+    fp8: store the DiT's block linears in float8_e4m3fn, upcast to dtype per layer (model/fp8.py).
 
     model: a PRESETS name (then every part comes from a file below), a diffusers or original-layout
     folder (one named like a preset: write ./name), or None (the config of the dit= file's release;
@@ -330,7 +369,8 @@ def load_wan(model: str | None, parts=("dit", "vae", "text"), device="cpu", dtyp
     text_tokenizer = _open_tokenizer(paths.get("tokenizer"), cfg) if "text" in parts else None
 
     # Everything checked: now read the tensors.
-    loaded = {plan.part: _load(plan, device, vae_dtype if plan.part == "vae" else dtype) for plan in plans}
+    loaded = {plan.part: _load(plan, device, vae_dtype if plan.part == "vae" else dtype, fp8 and plan.part == "dit")
+              for plan in plans}
     return WanModels(cfg, wan_model_id(cfg), loaded.get("dit"), loaded.get("vae"), loaded.get("text"),
                      text_tokenizer)
 

@@ -292,7 +292,11 @@ class WanVAE(nn.Module):
 
         Uses the posterior mean, like the original; with a generator, a posterior sample instead.
         """
-        mean, logvar = self.moments(video)
+        return self.normalized_latent(*self.moments(video), generator)
+
+    def normalized_latent(self, mean: torch.Tensor, logvar: torch.Tensor,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+        """The posterior mean (or, with a generator, a posterior sample), normalized by the config's stats."""
         z = mean
         if generator is not None:
             # drawn exactly as diffusers' DiagonalGaussianDistribution.sample does, on the

@@ -378,3 +378,18 @@ def test_split_export_and_single_file_flags(tiny, tmp_path):
         assert os.path.exists(tmp_path / f"lora-comfyui-{part}.safetensors")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_train(tiny, tmp_path / "bad", "--stage", "set", "--steps", "1", "--dit", str(tmp_path / "nope.safetensors"))
+
+
+def test_fp8_offload_and_bf16_activations_train(tiny, tmp_path):
+    """--fp8, --offload-blocks and --activations bf16-cpu run both stages; sample.py takes --fp8 --offload-blocks."""
+    memory = ("--fp8", "--offload-blocks", "1", "--grad-ckpt", "--activations", "bf16-cpu")
+    run_train(tiny, tmp_path, "--stage", "set", "--steps", "2", *memory)
+    run_train(tiny, tmp_path, "--stage", "sequence", "--steps", "2", *memory)
+    assert any(v.abs().sum() > 0 for k, v in load_file(tmp_path / "sequence.safetensors").items() if "residual" in k)
+    out = str(tmp_path / "fp8.mp4")
+    sample.main(sample.parse_args(["--model", tiny["flags"][1], "--adapter", str(tmp_path / "sequence.safetensors"),
+                                   "--prompt", "a sks square", "--steps", "2", "--out", out, "--fp8",
+                                   "--offload-blocks", "1"]))
+    assert os.path.exists(out)
+    with pytest.raises(ValueError, match="--activations needs --grad-ckpt"):
+        run_train(tiny, tmp_path / "bad", "--stage", "set", "--steps", "1", "--activations", "bf16")

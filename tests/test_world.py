@@ -74,7 +74,8 @@ def test_render_is_deterministic():
 
 def test_render_ignores_last_bit_differences(monkeypatch):
     """Motion paths a few ulps off (another CPU's sin, cos or summation order) render to the same bytes."""
-    scenes = _scenes(10, seed=11) + [c.scene for c in concepts.CONCEPTS.values()]
+    # 60 scenes: with float32 geometry, 4 ulps changed the bytes of two of them
+    scenes = _scenes(60, seed=11) + [c.scene for c in concepts.CONCEPTS.values()]
     expected = [world.render(scene) for scene in scenes]
     path = world.motion_path
     for ulps in (4, -4):
@@ -165,13 +166,16 @@ def test_oracle_reads_true_renders_correctly():
 
 
 def test_oracle_ignores_last_bit_differences(monkeypatch):
-    """A fitted background a few float32 ulps off (another CPU's LAPACK) still reads true renders at
-    identity > 0.99: no pixel of a clean render sits on a threshold that the last bit decides."""
+    """A fitted background a few float32 ulps off per pixel (another CPU's LAPACK) still reads true renders
+    at identity > 0.99: no pixel of a clean render sits on a threshold that the last bit decides."""
     scenes = _scenes(25, seed=11)        # among them, edges exactly half covered (even colour steps)
-    fit = oracle.fit_background
+    fit, eps = oracle.fit_background, torch.finfo(torch.float32).eps
     for ulps in (4, -4):
-        monkeypatch.setattr(oracle, "fit_background",
-                            lambda *args, ulps=ulps: fit(*args) * (1 + ulps * torch.finfo(torch.float32).eps))
+        generator = torch.Generator().manual_seed(0)
+        def nudged(*args, ulps=ulps, generator=generator):
+            background = fit(*args)
+            return background * (1 + ulps * eps * torch.rand(background.shape, generator=generator))
+        monkeypatch.setattr(oracle, "fit_background", nudged)
         for scene in scenes:
             assert oracle.score(world.render(scene), scene)["identity_score"] > 0.99, (ulps, world.caption(scene))
 

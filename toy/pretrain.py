@@ -48,6 +48,7 @@ from model.config import PRESETS, WanConfig
 from model.dit import WanDiT
 from model.files import atomic_path
 from model.text_encoder import Tokenizer, UMT5Encoder
+from model.vae import WanVAE
 from toy import concepts, world
 from toy.pretrain_vae import Deadline, Every, load_vae, save_atomic, train_vae
 
@@ -166,13 +167,9 @@ def init_text_encoder(encoder: UMT5Encoder) -> None:
         torch.nn.init.normal_(block.pos_embedding.embedding.weight, std=cfg.dim ** -0.5)
 
 
-def posterior_sample(moments: torch.Tensor, cfg: WanConfig, generator: torch.Generator) -> torch.Tensor:
+def posterior_sample(moments: torch.Tensor, vae: WanVAE, generator: torch.Generator) -> torch.Tensor:
     """(B, 2z, F, H, W) cached mean/logvar -> a normalized latent sample (B, z, F, H, W), as WanVAE.encode."""
-    mean, logvar = moments.chunk(2, dim=1)
-    z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * torch.randn(mean.shape, generator=generator)
-    shift = torch.tensor(cfg.vae.latents_mean).view(1, -1, 1, 1, 1)
-    scale = torch.tensor(cfg.vae.latents_std).view(1, -1, 1, 1, 1)
-    return (z - shift) / scale
+    return vae.normalized_latent(*moments.chunk(2, dim=1), generator)
 
 
 def flow_step(dit: WanDiT, x0: torch.Tensor, context: torch.Tensor, args,
@@ -198,6 +195,8 @@ def train_dit(args, deadline: Deadline) -> None:
     empty_ids, empty_mask = tokenizer([""])
 
     torch.manual_seed(args.seed)
+    with torch.device("meta"):
+        stats = WanVAE(cfg.vae)      # only its latent statistics are used: no weights needed
     dit, encoder = WanDiT(cfg.dit), UMT5Encoder(cfg.t5)
     init_text_encoder(encoder)
     # The umT5 trains jointly with the DiT here and is frozen afterwards: a random frozen encoder
@@ -227,7 +226,7 @@ def train_dit(args, deadline: Deadline) -> None:
         drop = torch.rand(args.dit_batch, generator=generator) < args.caption_dropout
         b_ids = torch.where(drop[:, None], empty_ids, ids[rows])
         b_mask = torch.where(drop[:, None], empty_mask, mask[rows])
-        return posterior_sample(moments[rows], cfg, generator), b_ids, b_mask
+        return posterior_sample(moments[rows], stats, generator), b_ids, b_mask
 
     bins = torch.zeros(2, 5)     # (sum, count) of the video loss per sigma fifth, as minRF logs it
     autosave, log = Every(args.save_minutes), tqdm(total=args.dit_steps, initial=step, desc="dit", mininterval=10)
