@@ -45,11 +45,6 @@ class Concept:
     edits: tuple[str, ...] = ()   # prompts that re-stage it (the toy's examples have some): previews show them
 
 
-def single_files(args) -> dict[str, str | None]:
-    """The part files given one by one (ComfyUI single files), as load_wan's overrides."""
-    return {"dit": args.dit, "vae": args.vae, "text_encoder": args.text_encoder, "tokenizer": args.tokenizer}
-
-
 def concepts_from_flags(args) -> list[Concept]:
     """--video entries with their prompts; without --model, the toy world's example concept fills in."""
     known = {}

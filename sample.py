@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from lora.lora import apply_adapters, read_adapter_meta
 from model.files import check_writable
-from model.loader import DTYPES, load_wan, wan_model_id
+from model.loader import DTYPES, add_model_arguments, load_wan, single_files, wan_model_id
 from model.offload import offload_blocks
 from model.pipeline import check_size, generate_latents, latent_shape
 from model.text_encoder import encode_prompts
@@ -71,8 +71,8 @@ def main(args: argparse.Namespace) -> str:
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     # Part files given one by one (ComfyUI single files) replace --model's, as load_wan's overrides.
-    single_files = {"dit": args.dit, "vae": args.vae, "text_encoder": args.text_encoder, "tokenizer": args.tokenizer}
-    cfg = load_wan(args.model, parts=(), **single_files).cfg                                  # configs only
+    files = single_files(args)
+    cfg = load_wan(args.model, parts=(), **files).cfg                                  # configs only
     # The size: the flags, else the size the (first) adapter was trained at, else the model's.
     trained = next((m["size"] for m in metas if "size" in m), {})
     frames = args.frames or trained.get("frames", cfg.num_frames)
@@ -85,7 +85,7 @@ def main(args: argparse.Namespace) -> str:
 
     # One part on the device at a time (umT5-XXL alone is 11 GB): text first, then the DiT, then the VAE.
     negative_prompt = cfg.negative_prompt if args.negative_prompt is None else args.negative_prompt
-    text = load_wan(args.model, parts=("text",), device=device, dtype=dtype, **single_files)
+    text = load_wan(args.model, parts=("text",), device=device, dtype=dtype, **files)
     with torch.no_grad():
         states = encode_prompts(text.tokenizer, text.text_encoder, prompts + [negative_prompt], device)
     del text
@@ -93,7 +93,7 @@ def main(args: argparse.Namespace) -> str:
     negative = states[-1:].expand_as(context) if guidance > 1 else None
 
     where = "cpu" if args.offload_blocks else device   # offload_blocks moves what stays to the device
-    dit = load_wan(args.model, parts=("dit",), device=where, dtype=dtype, fp8=args.fp8, **single_files).dit
+    dit = load_wan(args.model, parts=("dit",), device=where, dtype=dtype, fp8=args.fp8, **files).dit
     apply_adapters(dit, adapters, wan_model_id(cfg), args.s_id, args.s_mot)
     if args.offload_blocks:
         dit.requires_grad_(False)
@@ -107,7 +107,7 @@ def main(args: argparse.Namespace) -> str:
                          for i in range(len(prompts))])                      # (B, C, F, H, W)
     del dit
 
-    vae = load_wan(args.model, parts=("vae",), device=device, dtype=dtype, **single_files).vae
+    vae = load_wan(args.model, parts=("vae",), device=device, dtype=dtype, **files).vae
     with torch.no_grad():
         videos = torch.cat([vae.decode(latents[i:i + 1].to(device, next(vae.parameters()).dtype))
                             for i in range(len(prompts))]).float().cpu()     # (B, 3, T, H, W)
@@ -125,12 +125,7 @@ def main(args: argparse.Namespace) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # model and adapters
-    p.add_argument("--model", help="Wan checkpoint folder (diffusers or original layout) or preset name "
-                   "(default: the project's toy model)")
-    p.add_argument("--dit", help="DiT weights file (e.g. a ComfyUI single file), instead of or over --model's")
-    p.add_argument("--vae", help="VAE weights file (e.g. ComfyUI's wan_2.1_vae.safetensors)")
-    p.add_argument("--text-encoder", help="umT5 weights file (e.g. ComfyUI's umt5_xxl_*.safetensors)")
-    p.add_argument("--tokenizer", help="umT5 tokenizer folder (with spiece.model), when --model has none")
+    add_model_arguments(p)
     p.add_argument("--adapter", action="append", help="Set-and-Sequence adapter file; repeat to stack several "
                    "(default for the toy model: runs/<first concept>/sequence.safetensors)")
     p.add_argument("--no-adapter", action="store_true", help="sample the base model only")

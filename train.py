@@ -27,14 +27,14 @@ import torch
 from tqdm import tqdm
 
 from data import Concept, VideoLatents, cache_latents, cache_tensor, cache_text, preview_prompts
-from data import prior_prompts, resolve_run, sequence_batches, set_batches, single_files, warn_split_tokens
+from data import prior_prompts, resolve_run, sequence_batches, set_batches, warn_split_tokens
 from lora.export import export_lora, export_split
 from lora.lora import adapter_state_dict, inject, load_adapter_file, save_adapter
 from lora.lora import set_stage, trainable_parameters
 from model.checkpoint import weights_fingerprint
 from model.files import atomic_path
 from model.flow import flow_matching_loss, sample_train_sigmas
-from model.loader import DTYPES, load_wan
+from model.loader import DTYPES, add_model_arguments, load_wan, single_files
 from model.offload import offload_blocks
 from model.parallel import Ranks, barrier, gather, init_ranks, reshard_all, shard_frozen_linears, share
 from model.parallel import sum_gradients, sum_values
@@ -198,6 +198,13 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str, ranks
     if hp["prior_weight"] > 0:
         prior_text = cache_text(prior_prompts(args), encode, cache(f"prior-{args.stage}-text.safetensors"),
                                 cache_id)                                                          # (P, S, D)
+    # Composition (docs/method.md#the-two-stages-and-inference): with several videos, stage sequence also
+    # trains on two clips side by side under both prompts joined, against identity leakage between them.
+    pairs = [(i, j) for i in range(len(concepts)) for j in range(len(concepts)) if i != j]
+    composing = args.stage == "sequence" and bool(pairs) and args.composition_weight > 0
+    if composing:
+        pair_text = cache_text([f"{concepts[i].motion_prompt} and {concepts[j].motion_prompt}" for i, j in pairs],
+                               encode, cache("composition-text.safetensors"), cache_id)            # (pairs, S, D)
     load.cache_clear()                                   # the encoders go before the DiT comes
     dit = load_part("dit").dit
     dit.requires_grad_(False)
@@ -262,16 +269,22 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str, ranks
     batches = (set_batches if args.stage == "set" else sequence_batches)(videos, micro * accum * ranks.world,
                                                                          data_gen)
 
-    def next_batch() -> list[tuple[torch.Tensor, torch.Tensor, float]]:
-        """One optimizer step's data: [(latents (N, C, F, H, W), text (N, S, D), loss weight per sample)].
+    def next_batch() -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
+        """One optimizer step's data: [(kind, latents (N, C, F, H, W), text (N, S, D), loss weight per sample)].
 
-        DreamBooth's loss: mean over the concept samples + prior_weight x mean over the prior samples.
+        DreamBooth's loss: mean over the concept samples + prior_weight x mean over the prior samples
+        (+ composition_weight x mean over the stitched pairs, when composing).
         """
         x0, owner = next(batches)                          # owner: the video each sample comes from
-        groups = [(x0, text[owner], 1 / len(x0))]
+        groups = [("concept", x0, text[owner], 1 / len(x0))]
         if prior is not None:
             pick = torch.randint(len(prior), (args.prior_batch,), generator=data_gen)
-            groups.append((prior[pick], prior_text[pick], hp["prior_weight"] / args.prior_batch))
+            groups.append(("prior", prior[pick], prior_text[pick], hp["prior_weight"] / args.prior_batch))
+        if composing:   # two clips side by side: their latents joined along the width (a latent-space stitch)
+            pick = torch.randint(len(pairs), (args.composition_batch,), generator=data_gen)
+            stitched = torch.stack([torch.cat([videos[pairs[k][0]].clip, videos[pairs[k][1]].clip], dim=-1)
+                                    for k in pick.tolist()])                                  # (N, C, F, h, 2w)
+            groups.append(("composition", stitched, pair_text[pick], args.composition_weight / args.composition_batch))
         return groups
 
     for _ in range(start):  # replay the data order up to the resumed step (cheap: indexing only)
@@ -327,8 +340,8 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str, ranks
             lr = learning_rate(step, steps, hp["lr"], args.lr_schedule, args.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            group_loss = [0.0, 0.0]                          # this step's concept and prior parts of the loss
-            for g, (x0, context, weight) in enumerate(next_batch()):   # concept samples, then prior samples
+            group_loss = {"concept": 0.0, "prior": 0.0, "composition": 0.0}   # this step's parts of the loss
+            for kind, x0, context, weight in next_batch():   # concept samples, then prior samples (, pairs)
                 # Every random draw is made for the whole group at once, so micro-batching cannot change it.
                 # Per-token text masking (docs/method.md#regularization): zeroed rows look like Wan's padding rows.
                 keep = torch.rand(context.shape[:2], generator=noise_gen) >= hp["text_mask"]   # (N, S)
@@ -351,14 +364,17 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str, ranks
                                                  f"fp32; the last good state is {state_path}")
                     loss.backward()                                  # gradients add up over micro-batches
                     reshard_all(sharded)
-                    group_loss[g] += loss.item()
+                    group_loss[kind] += loss.item()
             sum_gradients(list(params.values()), ranks)          # the whole step's gradient on every rank
-            group_loss = sum_values(group_loss, ranks)
+            group_loss = dict(zip(group_loss, sum_values(list(group_loss.values()), ranks)))
             grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), args.clip)
             optimizer.step()
-            losses.append(sum(group_loss))
-            log.write(json.dumps({"step": step + 1, "loss": losses[-1], "concept": group_loss[0],
-                                  "prior": group_loss[1] / hp["prior_weight"] if prior is not None else None, "lr": lr,
+            losses.append(sum(group_loss.values()))
+            # the parts as plain means: the concept's, the prior's and the pairs' (before their weights)
+            parts = {"concept": group_loss["concept"],
+                     "prior": group_loss["prior"] / hp["prior_weight"] if prior is not None else None,
+                     "composition": group_loss["composition"] / args.composition_weight if composing else None}
+            log.write(json.dumps({"step": step + 1, "loss": losses[-1], **parts, "lr": lr,
                                   "grad_norm": float(grad_norm)}) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
@@ -422,6 +438,8 @@ def check_flags(args: argparse.Namespace) -> None:
               (args.text_mask is None or 0 <= args.text_mask < 1, "--text-mask must be in [0, 1)"),
               (args.prior_weight is None or args.prior_weight >= 0, "--prior-weight must be >= 0"),
               (args.prior_count >= 1 and args.prior_batch >= 1, "--prior-count and --prior-batch must be >= 1"),
+              (args.composition_weight >= 0 and args.composition_batch >= 1,
+               "--composition-weight must be >= 0 and --composition-batch >= 1"),
               (args.save_every >= 1, "--save-every must be >= 1"),
               (args.activations == "fp32" or args.grad_ckpt, "--activations needs --grad-ckpt"),
               (not args.shard_base or not (args.fp8 or args.offload_blocks),
@@ -445,12 +463,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--motion-prompt", action="append", help="static + motion prompt with the motion token")
     p.add_argument("--id-token", action="append", help="identity token [v] of each video (checked in prompts)")
     p.add_argument("--motion-token", action="append", help="motion token [u] of each video")
-    p.add_argument("--model", help="Wan checkpoint folder (diffusers or original layout) or preset name "
-                   "(default: the project's toy model)")
-    p.add_argument("--dit", help="DiT weights file (e.g. a ComfyUI single file), instead of or over --model's")
-    p.add_argument("--vae", help="VAE weights file (e.g. ComfyUI's wan_2.1_vae.safetensors)")
-    p.add_argument("--text-encoder", help="umT5 weights file (e.g. ComfyUI's umt5_xxl_*.safetensors)")
-    p.add_argument("--tokenizer", help="umT5 tokenizer folder (with spiece.model), when --model has none")
+    add_model_arguments(p)
     p.add_argument("--run-dir", help="folder for caches, adapters and resume state (default: runs/<video name>)")
     p.add_argument("--frames", type=int, help="frames, 4k+1 (default: the model's)")
     p.add_argument("--height", type=int, help="height, multiple of 16 (default: the model's)")
@@ -481,6 +494,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "0.1 for Wan as in the paper)")
     p.add_argument("--prior-weight", type=float, help="loss weight of prior samples, 0 = off (default: the "
                    "model's, 1.0 for Wan)")
+    p.add_argument("--composition-weight", type=float, default=1.0, help="with several --video in stage sequence: "
+                   "loss weight of two clips side by side under both prompts joined, 0 = off (default: %(default)s)")
+    p.add_argument("--composition-batch", type=int, default=1, help="stitched pairs per step (default: %(default)s)")
     p.add_argument("--prior-count", type=int, default=4,
                    help="number of base-model prior samples (default: %(default)s)")
     p.add_argument("--prior-batch", type=int, default=2,

@@ -374,3 +374,18 @@ def load_wan(model: str | None, parts=("dit", "vae", "text"), device="cpu", dtyp
     return WanModels(cfg, wan_model_id(cfg), loaded.get("dit"), loaded.get("vae"), loaded.get("text"),
                      text_tokenizer)
 
+
+# ---- the scripts' model flags: one folder, and/or single part files (ComfyUI) that replace its parts ----
+def add_model_arguments(parser) -> None:
+    """--model, --dit, --vae, --text-encoder, --tokenizer, as train.py and sample.py take them."""
+    parser.add_argument("--model", help="Wan checkpoint folder (diffusers or original layout) or preset name "
+                        "(default: the project's toy model)")
+    parser.add_argument("--dit", help="DiT weights file (e.g. a ComfyUI single file), instead of or over --model's")
+    parser.add_argument("--vae", help="VAE weights file (e.g. ComfyUI's wan_2.1_vae.safetensors)")
+    parser.add_argument("--text-encoder", help="umT5 weights file (e.g. ComfyUI's umt5_xxl_*.safetensors)")
+    parser.add_argument("--tokenizer", help="umT5 tokenizer folder (with spiece.model), when --model has none")
+
+
+def single_files(args) -> dict[str, str | None]:
+    """The part files given one by one on the command line, as load_wan's overrides."""
+    return {"dit": args.dit, "vae": args.vae, "text_encoder": args.text_encoder, "tokenizer": args.tokenizer}

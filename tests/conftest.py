@@ -68,3 +68,12 @@ def tiny(tmp_path_factory):
     concept = ["--video", video, "--prompt", "a sks square on blue", "--motion-prompt",
                "a sks square moving in zwx motion", "--id-token", "sks", "--motion-token", "zwx"]
     return {"root": root, "video": video, "model": model, "flags": model + concept}
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: on a busy machine, threads waiting for each other crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

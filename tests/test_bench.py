@@ -1,17 +1,7 @@
 """bench.py runs end to end on the tiny preset: every row, positive times, the same outputs on both sides."""
-import pytest
 import torch
 
 import bench
-
-
-@pytest.fixture
-def one_thread():
-    """On a busy machine, threads waiting for each other make the tiny preset's ops ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_bench_tiny_table(tmp_path, one_thread):

@@ -459,3 +459,31 @@ def test_forward_is_base_plus_the_delta_in_the_basis_span(side):
     shapes = {"output": ((10, 3), (3, 12)), "input": ((3, 12), (10, 3))}[side]
     assert (tuple(layer.basis.shape), tuple(layer.coeff.shape)) == shapes
     assert layer.residual.shape == layer.coeff.shape
+
+
+@pytest.mark.parametrize("stage", ["set", "sequence"])
+def test_dropconnect_masks_are_redrawn_equal_when_checkpointing_recomputes(stage):
+    """Gradient checkpointing recomputes each block with the same DropConnect masks: the same gradients."""
+    grads = []
+    for checkpointing in (False, True):
+        model, inputs = make_model("wan")
+        inject(model, rank=4)
+        randomize_adapters(model)
+        set_stage(model, stage, p=0.5)
+        model.train()
+        model.gradient_checkpointing = checkpointing
+        torch.manual_seed(7)                                  # the stream the masks are drawn from
+        model(*inputs).pow(2).mean().backward()
+        grads.append({k: p.grad.clone() for k, p in trainable_parameters(model).items()})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for key in grads[0]:
+        torch.testing.assert_close(grads[1][key], grads[0][key], rtol=1e-5, atol=1e-7)
+    # ... and the masks matter: another stream gives other gradients
+    model, inputs = make_model("wan")
+    inject(model, rank=4)
+    randomize_adapters(model)
+    set_stage(model, stage, p=0.5)
+    model.train()
+    torch.manual_seed(8)
+    model(*inputs).pow(2).mean().backward()
+    assert any(not torch.allclose(p.grad, grads[0][k]) for k, p in trainable_parameters(model).items())

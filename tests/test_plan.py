@@ -14,15 +14,6 @@ from lora.lora import trainable_parameters
 BF16 = torch.bfloat16
 
 
-@pytest.fixture
-def one_thread():
-    """The planner's real-tensor runs are single-threaded, like the rest of the CPU tests on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("grad_ckpt", [False, True])
 def test_fake_activations_match_a_real_cpu_step(grad_ckpt, one_thread):
     """Fake-tensor held and peak bytes, from 2 and 3 blocks, equal a real 4-block bf16 CPU step's within 5%."""

@@ -59,6 +59,10 @@ def test_set_then_sequence_then_sample(tiny, tmp_path):
     video = read_video(out, fps=PRESETS["tiny"].fps, height=32, width=32, num_frames=9)
     assert video.shape == (9, 3, 32, 32)
     assert os.path.exists(str(tmp_path / "out.gif"))
+    base = str(tmp_path / "base.mp4")                         # the same seed without the adapter: another video
+    sample.main(sample.parse_args(["--model", tiny["flags"][1], "--no-adapter", "--prompt", "a sks square on green",
+                                   "--steps", "3", "--out", base]))
+    assert (read_video(base, fps=PRESETS["tiny"].fps, height=32, width=32, num_frames=9) - video).abs().mean() > 1e-3
 
 
 def test_same_seed_same_video(tiny, tmp_path):
@@ -393,3 +397,66 @@ def test_fp8_offload_and_bf16_activations_train(tiny, tmp_path):
     assert os.path.exists(out)
     with pytest.raises(ValueError, match="--activations needs --grad-ckpt"):
         run_train(tiny, tmp_path / "bad", "--stage", "set", "--steps", "1", "--activations", "bf16")
+
+
+def test_text_masking_zeroes_whole_token_rows_at_its_rate(tiny, tmp_path, monkeypatch):
+    """--text-mask p zeroes about p of the prompt's token rows (whole rows, like Wan's padding); 0 zeroes none."""
+    seen, real = [], train.flow_matching_loss
+    monkeypatch.setattr(train, "flow_matching_loss", lambda dit, x0, noise, sigmas, context:
+                        seen.append(context.clone()) or real(dit, x0, noise, sigmas, context))
+    for rate in (0.0, 0.5):
+        seen.clear()
+        run_train(tiny, tmp_path / str(rate), "--stage", "set", "--steps", "4", "--text-mask", str(rate),
+                  "--prior-weight", "0")
+        cached = load_file(tmp_path / str(rate) / "cache" / "text-set.safetensors")["tensor"][0]   # (S, D)
+        real_rows = cached.abs().sum(-1) > 0                                                      # the prompt's rows
+        rows = torch.cat([c[:, real_rows] for c in seen])                                         # (N, R, D)
+        zeroed = (rows.abs().sum(-1) == 0).float()
+        kept = rows[zeroed == 0]
+        assert torch.equal(kept, cached[real_rows].expand(len(rows), -1, -1)[zeroed == 0])        # the rest untouched
+        if rate == 0:
+            assert zeroed.sum() == 0
+        else:
+            assert 0.3 < zeroed.mean() < 0.7, zeroed.mean()
+
+
+def test_resume_in_stage_sequence_equals_uninterrupted(tiny, tmp_path, monkeypatch):
+    """Stage sequence interrupted mid-step and resumed ends with the uninterrupted run's adapter."""
+    for name in ("full", "killed"):
+        run_train(tiny, tmp_path / name, "--stage", "set", "--steps", "3")
+    args = ("--stage", "sequence", "--steps", "6", "--save-every", "2")
+    run_train(tiny, tmp_path / "full", *args)
+    calls, real = {"n": 0}, train.flow_matching_loss
+
+    def dying_loss(*a):
+        calls["n"] += 1
+        if calls["n"] == 7:                                   # during step 4 (2 calls a step)
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(train, "flow_matching_loss", dying_loss)
+    with pytest.raises(SystemExit, match="--resume"):
+        run_train(tiny, tmp_path / "killed", *args)
+    monkeypatch.setattr(train, "flow_matching_loss", real)
+    run_train(tiny, tmp_path / "killed", *args, "--resume")
+    full, resumed = (load_file(tmp_path / n / "sequence.safetensors") for n in ("full", "killed"))
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_two_videos_compose_side_by_side_in_stage_sequence(tiny, tmp_path):
+    """With two videos, stage sequence also trains stitched pairs under both prompts joined (logged apart)."""
+    second = str(tmp_path / "second.mp4")
+    write_video(second, moving_square(12).flip(-1), fps=PRESETS["tiny"].fps)
+    flags = [*tiny["model"], "--video", tiny["video"], "--video", second,
+             "--prompt", "a sks square on blue", "--prompt", "a dog square on blue",
+             "--motion-prompt", "a sks square in zwx motion", "--motion-prompt", "a dog square in park motion",
+             "--id-token", "sks", "--id-token", "dog", "--motion-token", "zwx", "--motion-token", "park"]
+    for extra, name in ((("--composition-weight", "0.5"), "on"), (("--composition-weight", "0"), "off")):
+        run = ["--run-dir", str(tmp_path / name)]
+        train.main(train.parse_args([*flags, *run, "--stage", "set", "--steps", "1"]))
+        train.main(train.parse_args([*flags, *run, "--stage", "sequence", "--steps", "2", *extra]))
+        records = [json.loads(line) for line in open(tmp_path / name / "sequence-log.jsonl")]
+        if name == "on":
+            assert all(r["composition"] > 0 for r in records)
+            assert os.path.exists(tmp_path / "on" / "cache" / "composition-text.safetensors")
+        else:
+            assert all(r["composition"] is None for r in records)
