@@ -27,6 +27,9 @@ MASK_THRESHOLD = 0.18      # RGB distance from the background beyond which a pix
 MIN_AREA = 8 / 4096        # blobs under this share of the frame (8 px at 64x64) are noise
 MAX_AREA = 0.3             # a "sprite" over 30% of the frame is not one (the largest, pulsing, is ~21%)
 COLOUR_TOLERANCE = 0.4     # RGB distance at which a pixel no longer counts as the sprite's colour
+# A clear colour vote is within half of that, 0.2 = 51 levels of 1/255: a render's pixel can lie exactly
+# there (levels 45, 24, 0 off), so the cut sits between squared level distances 2600 and 2601, not on one.
+CLEAR_VOTE = ((255 * COLOUR_TOLERANCE / 2) ** 2 - 0.5) ** 0.5 / 255
 MIN_SHARE = 0.25           # a colour names a sprite when it covers this share of it
 BALANCE_SHARE = 0.25       # each colour of a pattern covers >= 25% of a true render; below that it fades
 MOTION_TOLERANCE = 0.1     # mean trajectory error (frame units, ~6 px) at which the motion score reaches 0
@@ -53,7 +56,7 @@ def _palette(names: tuple[str, ...]) -> torch.Tensor:
 
 def _distances(pixels: torch.Tensor, palette: torch.Tensor) -> torch.Tensor:
     """(P, 3), (K, 3) -> (P, K) RGB distances, from differences: cdist's default matrix-product route
-    loses ~1e-4 near zero, and how much depends on the CPU's BLAS."""
+    errs by up to ~2e-5 near zero (this one by ~1e-7), by amounts that depend on the CPU's BLAS."""
     return torch.cdist(pixels, palette, compute_mode="donot_use_mm_for_euclid_dist")
 
 
@@ -206,7 +209,7 @@ def colour_labels(video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     distance = _distances(video.reshape(-1, 3), _palette(NAMED_COLOURS))         # (T*H*W, colours)
     nearest = distance.min(1)
     shape = video.shape[:-1]
-    return nearest.indices.reshape(shape), (nearest.values < COLOUR_TOLERANCE / 2).reshape(shape)
+    return nearest.indices.reshape(shape), (nearest.values < CLEAR_VOTE).reshape(shape)
 
 
 def colour_shares(labels: torch.Tensor, clear: torch.Tensor, inner: torch.Tensor) -> dict[str, float]:

@@ -273,7 +273,7 @@ def _snap(x: torch.Tensor) -> torch.Tensor:
 
 
 def _sprite_pixels(sprite: Sprite, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """At points (u, v) in sprite units: (inside mask, RGB fill (..., 3) in 0..255 with the pattern applied)."""
+    """At points (u, v) in sprite units: (inside mask, mask of where the pattern shows colour2)."""
     inside = shape_inside(sprite.shape, u, v)
     # the pattern is fixed to the sprite: its bands move and scale with it
     if sprite.pattern == "striped":                           # bands from the top: colour, colour2, colour
@@ -282,10 +282,7 @@ def _sprite_pixels(sprite: Sprite, u: torch.Tensor, v: torch.Tensor) -> tuple[to
         second = (torch.floor(u / PATTERN_CELL) + torch.floor(v / PATTERN_CELL)) % 2 == 1
     else:
         second = torch.zeros_like(inside)
-    fill = torch.tensor(COLOURS[sprite.colour]).expand(*u.shape, 3)
-    if sprite.colour2 is not None:
-        fill = torch.where(second[..., None], torch.tensor(COLOURS[sprite.colour2]), fill)
-    return inside, fill
+    return inside, second
 
 
 def render(scene: Scene, num_frames: int = NUM_FRAMES, size: int = FRAME_SIZE) -> torch.Tensor:
@@ -314,11 +311,14 @@ def render(scene: Scene, num_frames: int = NUM_FRAMES, size: int = FRAME_SIZE) -
         u = (((x0[:, None] + offsets) / size - cx[:, None]) / radius[:, None])[:, None, :]   # (T, 1, S)
         v = (((y0[:, None] + offsets) / size - cy[:, None]) / radius[:, None])[:, :, None]   # (T, S, 1)
         n = side * SUPERSAMPLE
-        inside, fill = _sprite_pixels(sprite, u.expand(-1, n, n), v.expand(-1, n, n))   # (T, S, S), (T, S, S, 3)
-        # per pixel, in integers: how many samples the sprite covers, and its colour summed over them
+        inside, second = _sprite_pixels(sprite, u.expand(-1, n, n), v.expand(-1, n, n))   # (T, S, S) each
+        # per pixel, in integers: how many samples the sprite covers, and how many of them in colour2
         blocks = (num_frames, side, SUPERSAMPLE, side, SUPERSAMPLE)
         cover = inside.reshape(blocks).sum((2, 4))[..., None]                          # (T, side, side, 1)
-        paint = (fill * inside[..., None]).reshape(*blocks, 3).sum((2, 4))             # (T, side, side, 3)
+        cover2 = (inside & second).reshape(blocks).sum((2, 4))[..., None]
+        paint = (cover - cover2) * torch.tensor(COLOURS[sprite.colour])   # (T, side, side, 3) levels summed
+        if sprite.colour2 is not None:
+            paint = paint + cover2 * torch.tensor(COLOURS[sprite.colour2])
         for i in range(num_frames):
             ys, xs = slice(int(y0[i]), int(y0[i]) + side), slice(int(x0[i]), int(x0[i]) + side)
             # sprites never overlap; exact, as a level has few bits (k / 128 on a gradient at 64 px)
