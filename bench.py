@@ -52,7 +52,7 @@ from torch.utils._pytree import tree_leaves
 from lora.lora import inject, lora_modules, set_stage, trainable_parameters
 from model.config import PRESETS, DiTConfig
 from model.dit import WanDiT
-from model.files import atomic_path
+from model.files import write_section
 from model.flow import add_noise, flow_loss, flow_matching_loss, sample_train_sigmas, unipc_sigmas, velocity_target
 from model.keymaps import DIT_KEYS
 from model.loader import WanModels, load_wan, storage_dtype
@@ -541,21 +541,6 @@ def format_plan(rows: list[dict]) -> str:
     return "\n".join(head + lines)
 
 
-def write_between_markers(path: str, text: str, begin: str = "<!-- plan:begin -->",
-                          end: str = "<!-- plan:end -->") -> None:
-    """Put `text` between the two markers of the file (appended with them if absent), atomically."""
-    with open(path) as f:
-        doc = f.read()
-    block = f"{begin}\n{text}\n{end}"
-    if begin in doc and end in doc:
-        doc = doc[:doc.index(begin)] + block + doc[doc.index(end) + len(end):]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + block + "\n"
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            f.write(doc)
-
-
 def plan_main(args: argparse.Namespace) -> tuple[list[dict], str]:
     start = time.perf_counter()
     rows = plan_rows(args)
@@ -564,7 +549,8 @@ def plan_main(args: argparse.Namespace) -> tuple[list[dict], str]:
     print(table)
     print(f"\n--plan took {time.perf_counter() - start:.0f} s", file=sys.stderr)
     if args.write_docs:
-        write_between_markers(os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "performance.md"), table)
+        write_section(os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "performance.md"), table,
+                      "<!-- plan:begin -->", "<!-- plan:end -->")
     return rows, table
 
 

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 import train
 from lora.lora import apply_adapters
-from model.files import atomic_path
+from model.files import atomic_path, write_section
 from model.loader import load_wan
 from model.pipeline import generate_videos
 from toy import oracle, world
@@ -323,14 +323,7 @@ def plot_svg(summary: dict[str, dict[str, tuple[float, float]]], path: str) -> N
 
 def write_results(section: str) -> None:
     """Replace the results section of docs/results.md (between the eval markers), atomically."""
-    with open(RESULTS) as f:
-        text = f.read()
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"{RESULTS} has no {BEGIN} ... {END} section to fill")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    with atomic_path(RESULTS) as tmp, open(tmp, "w") as f:
-        f.write(f"{head}{BEGIN}\n{section}\n{END}{tail}")
+    write_section(RESULTS, section, BEGIN, END)
 
 
 # ---------------------------------------------------------------------------- main

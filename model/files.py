@@ -45,3 +45,18 @@ def check_writable(path: str) -> None:
     with atomic_path(path + ".probe"):
         pass
     os.remove(path + ".probe")
+
+
+def write_section(path: str, text: str, begin: str, end: str) -> None:
+    """Replace what stands between the `begin` and `end` marker lines of a text file, atomically.
+
+    How the measuring scripts (eval.py, bench.py --plan) keep their tables in the docs up to date.
+    """
+    with open(path) as f:
+        doc = f.read()
+    if begin not in doc or end not in doc:
+        raise ValueError(f"{path} has no {begin} ... {end} section to fill: add the two marker lines")
+    head, rest = doc.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(f"{head}{begin}\n{text}\n{end}{tail}")

@@ -10,6 +10,7 @@ import torch
 import bench
 from torch._subclasses.fake_tensor import FakeTensorMode
 from lora.lora import trainable_parameters
+from model.files import write_section
 
 BF16 = torch.bfloat16
 
@@ -76,10 +77,13 @@ def test_plan_table_and_docs(tmp_path, one_thread):
     off, on = (next(r for r in rows if r["ckpt"] == ckpt) for ckpt in (False, True))
     assert on["held"] < off["held"]                                    # checkpointing keeps only block inputs
     doc = tmp_path / "performance.md"
-    doc.write_text("# Performance\n")
-    bench.write_between_markers(str(doc), "first")
-    bench.write_between_markers(str(doc), "second")
-    assert doc.read_text() == "# Performance\n\n<!-- plan:begin -->\nsecond\n<!-- plan:end -->\n"
+    doc.write_text("# Performance\n<!-- plan:begin -->\nold\n<!-- plan:end -->\nrest\n")
+    write_section(str(doc), "first", "<!-- plan:begin -->", "<!-- plan:end -->")
+    write_section(str(doc), "second", "<!-- plan:begin -->", "<!-- plan:end -->")
+    assert doc.read_text() == "# Performance\n<!-- plan:begin -->\nsecond\n<!-- plan:end -->\nrest\n"
+    doc.write_text("no markers")
+    with pytest.raises(ValueError, match="marker"):
+        write_section(str(doc), "x", "<!-- plan:begin -->", "<!-- plan:end -->")
 
 
 def rss_bytes() -> int:

@@ -1,6 +1,6 @@
 """The oracle: what a sprite-world clip shows, and how well it matches the scene it was asked for.
 
-The paper scores identity with ArcFace and text alignment with CLIP (method.md, "Evaluation");
+The paper scores identity with ArcFace and text alignment with CLIP (docs/method.md#evaluation-in-the-paper);
 neither means anything on toy sprites, so the project measures the same things directly. The
 pipeline, each step a function below:
   1. fit the background as a plane per RGB channel (solid colours and linear gradients are

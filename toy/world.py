@@ -6,7 +6,7 @@ gradient background; `render` draws it, `caption` describes it in the plain word
 trained on. The world is deliberately small and high-contrast, so that a tiny text-conditioned
 DiT can learn it in about an hour of CPU training.
 
-Set-and-Sequence needs things the base model has never seen (method.md, "The idea"): some
+Set-and-Sequence needs things the base model has never seen (docs/method.md#the-idea): some
 appearance words and motions are HELD OUT of pretraining (the `HELD_OUT` table), and the three
 `CONCEPTS` (toy/concepts.py) combine a held-out appearance with a held-out motion. Their prompts replace the
 held-out words with a rare identity token [v] and motion token [u], exactly as "a [v] man" does
