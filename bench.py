@@ -444,13 +444,17 @@ def plan_model(cfg: DiTConfig, dtype: torch.dtype, stage: str, device: str = "cp
     return model.train()
 
 
-def weight_bytes(model: WanDiT, fp8: bool, offload: int) -> int:
-    """Frozen weights resident on the device; `offload` blocks live on the CPU and are streamed in one by one."""
+def weight_bytes(model: WanDiT, fp8: bool, offload: int, shard: int = 1) -> int:
+    """Frozen weights resident on the device; `offload` blocks live on the CPU and are streamed in one by one;
+    `shard` ranks of --shard-base each hold 1/shard of every frozen linear, plus the one gathered to run."""
     def nbytes(name: str, param: torch.Tensor) -> int:
         # fp8: the frozen block linears at 1 byte per weight (their biases, the norms and the rest unchanged)
         is_block_linear = name.startswith("blocks.") and name.endswith("base.weight")
         return param.numel() * (1 if fp8 and is_block_linear else param.element_size())
     frozen = {name: nbytes(name, p) for name, p in model.named_parameters() if not name.endswith(ADAPTER_TENSORS)}
+    if shard > 1:
+        linears = {name: n for name, n in frozen.items() if name.startswith("blocks.") and name.endswith("base.weight")}
+        return sum(frozen.values()) - sum(linears.values()) * (shard - 1) // shard + max(linears.values())
     block = sum(n for name, n in frozen.items() if name.startswith("blocks.0."))
     return sum(frozen.values()) - offload * block + min(offload, PREFETCH_BLOCKS) * block
 

@@ -10,6 +10,7 @@ import torch
 import bench
 from torch._subclasses.fake_tensor import FakeTensorMode
 from lora.lora import trainable_parameters
+from model.config import PRESETS
 from model.files import write_section
 
 BF16 = torch.bfloat16
@@ -127,3 +128,12 @@ def test_plan_predicts_a_real_13b_training_step(one_thread):
     assert abs(tracker.peak / planned - 1) < 0.15
     if maxrss > maxrss_before:    # else an earlier test of this process peaked higher: RSS says nothing here
         assert abs(rss_peak / planned - 1) < 0.15
+
+
+def test_sharded_weights_are_a_share_of_the_frozen_linears():
+    """--shard-base over N ranks keeps 1/N of the frozen block linears (plus one gathered), the rest whole."""
+    model = bench.plan_model(PRESETS["tiny"].dit, torch.bfloat16, "set", device="meta")
+    whole, two, four = (bench.weight_bytes(model, False, 0, shard) for shard in (1, 2, 4))
+    linears = sum(p.nbytes for name, p in model.named_parameters()
+                  if name.startswith("blocks.") and name.endswith("base.weight"))
+    assert whole > two > four > whole - linears
