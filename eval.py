@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -43,7 +44,6 @@ from multiprocessing import get_context
 import torch
 from tqdm import tqdm
 
-import train
 from lora.lora import apply_adapters
 from model.files import atomic_path, write_section
 from model.loader import load_wan
@@ -51,6 +51,8 @@ from model.pipeline import generate_videos
 from toy import oracle, world
 from toy.concepts import CONCEPTS
 
+PROJECT = os.path.dirname(os.path.abspath(__file__))
+STAGE_STEPS = {"set": 600, "sequence": 900, "single": 1500}   # train.py's default steps (the paper's)
 RESULTS = "docs/results.md"   # --write-docs fills its section between the eval markers
 BEGIN, END = "<!-- eval:begin -->", "<!-- eval:end -->"
 NO_REG = ("--drop", "0", "--text-mask", "0", "--prior-weight", "0")
@@ -104,7 +106,7 @@ def make_jobs(concept_names: list[str], variants: list[str], seeds: int, composi
             jobs.append(Job(f"composition/{'+'.join(pair)}/seed{seed}", pair, seed, VARIANTS["ours"][1],
                             (("ours", "sequence.safetensors"),)))
     # the longest jobs first, so the workers finish together
-    return sorted(jobs, key=lambda j: -sum(train.DEFAULT_STEPS[s] for s, _ in j.stages) * len(j.concepts))
+    return sorted(jobs, key=lambda j: -sum(STAGE_STEPS[s] for s, _ in j.stages) * len(j.concepts))
 
 
 # ---------------------------------------------------------------------------- the prompts and their scenes
@@ -193,9 +195,10 @@ def run_job(job: Job, out_dir: str, model: str, sample_steps: int | None) -> dic
     start = time.time()
     with open(os.path.join(folder, "log.txt"), "w") as log, redirect_stdout(log), redirect_stderr(log):
         flags = [flag for name in job.concepts for flag in concept_flags(name)]
-        for stage, extra in job.stages:
-            train.main(train.parse_args(["--stage", stage, "--model", model, "--run-dir", folder,
-                                         "--seed", str(job.seed), *flags, *extra]))
+        for stage, extra in job.stages:   # train.py as a user runs it: a process of its own
+            subprocess.run([sys.executable, os.path.join(PROJECT, "train.py"), "--stage", stage, "--model", model,
+                            "--run-dir", folder, "--seed", str(job.seed), *flags, *extra],
+                           stdout=log, stderr=log, check=True)
         prompts = prompts_of(job)
         rows = []
         for variant, adapter in job.samples:
