@@ -1,0 +1,216 @@
+"""Toy-model motion experiments (issue 17), DiT-only on the colours-and-backgrounds world.
+
+World (README item 7 / docs): one plain large circle, any of the 8 held-in colours, any of the 5
+solid held-in backgrounds (contrast rule), any of the 9 held-in motions, random anchor. 1000 clips
++ 1000 frames encoded by the shipped toy VAE. DiT + umT5 from scratch, lr 3e-3 cosine, batch 16+16,
+raw weights, scored on 50 captions of that world with the oracle (as toy.evaluate).
+
+Variants:
+  --clip-shift S      clips' training sigmas shifted by S (images stay at 1)
+  --sil-weight W      a training-only linear head on block --sil-block's tokens predicts the sprite's
+                      coverage per latent pixel and latent frame (colour-blind); loss W * MSE
+  --anchor-p P        frame-anchored clips: in a share P of clips latent frame 0 is given clean
+                      (its loss masked), as Diffusion Forcing anchors a frame
+  --world W           default | colours-on-black | white-on-backgrounds (the cut-down worlds)
+Run from the project folder: python -m toy.motion_experiments --name NAME [...]; each run appends a
+line to <--root>/results.jsonl. The issue 17 table of docs/toy-model.md came from these runs (one
+thread each, two side by side on the 2-core machine, 32-70 minutes a run).
+"""
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import replace
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from model import flow  # noqa: E402
+from model.dit import WanDiT  # noqa: E402
+from model.loader import WanModels, load_wan  # noqa: E402
+from model.text_encoder import UMT5Encoder  # noqa: E402
+from model.vae import WanVAE  # noqa: E402
+from toy import oracle, world  # noqa: E402
+from toy.evaluate import generate  # noqa: E402
+from toy.pretrain import init_text_encoder, posterior_sample  # noqa: E402
+
+SOLID = ("black", "white", "gray", "blue", "green")
+
+
+WORLD = {"backgrounds": SOLID, "colours": None}
+
+
+def small_scene(generator: torch.Generator) -> world.Scene:
+    while True:
+        background = world._pick(WORLD["backgrounds"], generator)
+        colours = [c for c in (WORLD["colours"] or world.vocabulary("colour"))
+                   if world.contrast(c, background) >= world.MIN_CONTRAST]
+        if not colours:
+            continue
+        sprite = world.Sprite("circle", world._pick(tuple(colours), generator), "large",
+                              world._pick(world.vocabulary("motion"), generator))
+        x, y, reach = world._extent(sprite)
+        m = 1 / 64
+        lx, hx = m - (x - 0.5 - reach).min(), 1 - m - (x - 0.5 + reach).max()
+        ly, hy = m - (y - 0.5 - reach).min(), 1 - m - (y - 0.5 + reach).max()
+        u, w = torch.rand(2, generator=generator).tolist()
+        sprite = replace(sprite, x=float(lx + u * (hx - lx)), y=float(ly + w * (hy - ly)))
+        try:
+            return world.Scene((sprite,), background)
+        except ValueError:
+            continue
+
+
+def coverage(scene: world.Scene) -> torch.Tensor:
+    """(T, 64, 64) in [0, 1]: the sprite's coverage, by rendering it white on black."""
+    ghost = world.Scene(tuple(replace(s, colour="white") for s in scene.sprites), "black")
+    v = world.render(ghost).float().mean(-1)                       # (T, H, W) 20..245
+    return ((v - 20) / 225).clamp(0, 1)
+
+
+def latent_coverage(cov: torch.Tensor) -> torch.Tensor:
+    """(T=4k+1, 64, 64) -> (1+k, 8, 8): latent frame 0 = frame 0, frame j = frames 4j-3..4j."""
+    first, rest = cov[:1], cov[1:]
+    rest = rest.view(-1, 4, 64, 64).mean(1) if len(rest) else rest[:0]
+    return F.avg_pool2d(torch.cat([first, rest])[:, None], 8)[:, 0]
+
+
+@torch.no_grad()
+def build_cache(vae, n: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    out = {"video": [], "image": [], "captions": [], "image_captions": [], "cov_v": [], "cov_i": []}
+    for _ in range(0, n, 8):
+        scenes = [small_scene(g) for _ in range(8)]
+        clips = torch.stack([world.to_pixels(world.render(s)) for s in scenes]).permute(0, 2, 1, 3, 4)
+        pick = torch.randint(world.NUM_FRAMES, (8,), generator=g)
+        frames = clips[torch.arange(8), :, pick][:, :, None]
+        out["video"].append(torch.cat(vae.moments(clips), 1))
+        out["image"].append(torch.cat(vae.moments(frames), 1))
+        covs = [coverage(s) for s in scenes]
+        out["cov_v"].append(torch.stack([latent_coverage(c) for c in covs]))
+        out["cov_i"].append(torch.stack([latent_coverage(c[int(p)][None]) for c, p in zip(covs, pick)]))
+        out["captions"] += [world.caption(s) for s in scenes]
+        out["image_captions"] += [world.image_caption(s) for s in scenes]
+    for k in ("video", "image", "cov_v", "cov_i"):
+        out[k] = torch.cat(out[k])
+    return out
+
+
+def main(a):
+    torch.set_num_threads(1)
+    os.makedirs(a.out, exist_ok=True)
+    base = load_wan("toy/checkpoint", parts=("vae", "text"))
+    cfg, tokenizer = base.cfg, base.tokenizer
+    if a.world == "colours-on-black":
+        WORLD["backgrounds"] = ("black",)
+    elif a.world == "white-on-backgrounds":
+        WORLD["colours"] = ("white",)
+    cache_path = os.path.join(a.root, f"cache_{a.world}.pt")
+    if os.path.exists(cache_path):
+        cache = torch.load(cache_path)
+    else:
+        cache = build_cache(base.vae.eval(), 1000, 7)
+        torch.save(cache, cache_path + ".tmp")
+        os.replace(cache_path + ".tmp", cache_path)
+    vid_ids, vid_mask = tokenizer(cache["captions"])
+    img_ids, img_mask = tokenizer(cache["image_captions"])
+    empty_ids, empty_mask = tokenizer([""])
+
+    torch.manual_seed(a.seed)
+    with torch.device("meta"):
+        stats = WanVAE(cfg.vae)
+    dit, enc = WanDiT(cfg.dit), UMT5Encoder(cfg.t5)
+    init_text_encoder(enc)
+    head = torch.nn.Linear(cfg.dit.dim, 4)          # 2x2 latent pixels per token (patch 1x2x2)
+    feats = {}
+    dit.blocks[a.sil_block].register_forward_hook(lambda m, i, o: feats.__setitem__("x", o))
+    params = list(dit.parameters()) + list(enc.parameters()) + (list(head.parameters()) if a.sil_weight else [])
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    g = torch.Generator().manual_seed(a.seed + 4)
+    B = 16
+
+    def batch(moments, ids, mask, cov):
+        rows = torch.randint(len(moments), (B,), generator=g)
+        drop = torch.rand(B, generator=g) < 0.1
+        return (posterior_sample(moments[rows], stats, g), torch.where(drop[:, None], empty_ids, ids[rows]),
+                torch.where(drop[:, None], empty_mask, mask[rows]), cov[rows])
+
+    def step_loss(x0, ctx, cov, shift):
+        sig = flow.sample_train_sigmas(x0.shape[0], g, shift=shift, mode="logit_normal")
+        noise = torch.randn(x0.shape, generator=g)
+        x_t = flow.add_noise(x0, noise, sig)
+        weight = torch.ones(x0.shape[0], 1, x0.shape[2], 1, 1)
+        if a.anchor_p and x0.shape[2] > 1:
+            # frame-anchored clips: latent frame 0 given clean, its loss masked; the rest as usual
+            anchored = torch.rand(x0.shape[0], generator=g) < a.anchor_p
+            x_t[anchored, :, 0] = x0[anchored, :, 0]
+            weight[anchored, :, 0] = 0
+        pred = dit(x_t, sig * 1000, ctx)
+        err = (pred - flow.velocity_target(x0, noise)).pow(2) * weight
+        loss = err.sum() / (weight.sum() * x0.shape[1] * x0.shape[3] * x0.shape[4])
+        sil = torch.zeros(())
+        if a.sil_weight:
+            Fr = x0.shape[2]
+            p = head(feats["x"])                                             # (B, L, 4)
+            p = p.view(B, Fr, 4, 4, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(B, Fr, 8, 8)
+            sil = (p - cov).pow(2).mean()
+        return loss, sil
+
+    log = open(os.path.join(a.out, "log.txt"), "a")
+    t0 = time.time()
+    for step in range(a.steps):
+        lr = a.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / a.steps)))
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        xv, iv, mv, cv = batch(cache["video"], vid_ids, vid_mask, cache["cov_v"])
+        xi, ii, mi, ci = batch(cache["image"], img_ids, img_mask, cache["cov_i"])
+        ctx = enc(torch.cat([iv, ii]), torch.cat([mv, mi]))
+        lv, sv = step_loss(xv, ctx[:B], cv, a.clip_shift)
+        li, si = step_loss(xi, ctx[B:], ci, 1.0)
+        loss = lv + li + a.sil_weight * (sv + si)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if (step + 1) % 250 == 0:
+            print(f"step {step+1} {time.time()-t0:.0f}s video {lv.item():.3f} image {li.item():.3f} "
+                  f"sil {sv.item():.4f}/{si.item():.4f}", file=log, flush=True)
+    train_min = (time.time() - t0) / 60
+
+    # ---- score on 50 captions of the small world, as toy.evaluate does
+    dit.eval(), enc.eval()
+    models = WanModels(cfg, "toy", dit, base.vae.eval(), enc, tokenizer)
+    ge = torch.Generator().manual_seed(0)
+    scenes = [small_scene(ge) for _ in range(50)]
+    noise = torch.randn(50, cfg.vae.z_dim, 5, 8, 8, generator=ge)
+    rows = []
+    for i in range(0, 50, 25):
+        vids = generate(models, [world.caption(s) for s in scenes[i:i + 25]], noise[i:i + 25],
+                        cfg.sample_steps, cfg.sample_shift, cfg.guidance_scale)
+        rows += [oracle.score(v.transpose(0, 1), s) for s, v in zip(scenes[i:i + 25], vids)]
+    res = {k: sum(float(r[k]) for r in rows) / len(rows) for k in ("background_ok", "colour_ok", "motion_ok")}
+    res.update(name=a.name, steps=a.steps, train_min=round(train_min, 1), clip_shift=a.clip_shift,
+               sil_weight=a.sil_weight, lr=a.lr, anchor_p=a.anchor_p, world=a.world)
+    print(json.dumps(res), file=log, flush=True)
+    with open(os.path.join(a.root, "results.jsonl"), "a") as f:
+        f.write(json.dumps(res) + "\n")
+    torch.save({"dit": dit.state_dict(), "t5": enc.state_dict()}, os.path.join(a.out, "weights.pt"))
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--name", required=True, help="the run's folder under --root")
+    p.add_argument("--root", default="runs/motion-experiments", help="runs, caches and results.jsonl")
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clip-shift", type=float, default=1.0)
+    p.add_argument("--sil-weight", type=float, default=0.0)
+    p.add_argument("--sil-block", type=int, default=1)
+    p.add_argument("--anchor-p", type=float, default=0.0)
+    p.add_argument("--world", default="default", choices=("default", "colours-on-black", "white-on-backgrounds"))
+    a = p.parse_args()
+    a.out = os.path.join(a.root, a.name)
+    main(a)
