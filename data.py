@@ -20,9 +20,11 @@ from typing import Any, Callable, Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from lora.lora import read_adapter_meta
 from model.files import atomic_path
+from model.pipeline import generate_latents
 from video import IMAGE_EXTENSIONS, read_video, require_exists
 
 # ----------------------------------------------------------------------------- what to train on
@@ -93,7 +95,8 @@ def resolve_run(args) -> tuple[list[Concept], str]:
         if not os.path.exists(set_path):
             raise ValueError(f"stage sequence needs the stage-set adapter {set_path}: run "
                              f"`python train.py --stage set` first with the same --run-dir")
-        trained = read_adapter_meta(set_path).get("concepts")
+        set_meta = read_adapter_meta(set_path)
+        trained = set_meta.get("concepts")
         if trained and concepts and [os.path.abspath(c.video) for c in concepts] != \
                 [os.path.abspath(c["video"]) for c in trained]:
             raise ValueError(f"{set_path} was trained on {[c['video'] for c in trained]}, not "
@@ -109,7 +112,7 @@ def resolve_run(args) -> tuple[list[Concept], str]:
                         for i, c in enumerate(trained)]
             for key in ("frames", "height", "width"):
                 if getattr(args, key) is None:
-                    setattr(args, key, read_adapter_meta(set_path).get("size", {}).get(key))
+                    setattr(args, key, set_meta.get("size", {}).get(key))
         elif not concepts:
             raise ValueError(f"{set_path} does not record its videos (an older file): pass --video and the prompts")
     for concept in concepts:
@@ -239,6 +242,21 @@ def cache_tensor(cache_path: str, fingerprint: dict[str, str], compute: Callable
         tensor = compute().cpu()
     _save({"tensor": tensor}, fingerprint, cache_path)
     return tensor
+
+
+def prior_latents(args, dit, cfg, states: torch.Tensor, negative: torch.Tensor, shape, path: str,
+                  fingerprint: dict[str, str]) -> torch.Tensor:
+    """Samples of the BASE model (no adapter yet) from the prior prompts' text states, generated once and cached."""
+    device = negative.device
+
+    def generate() -> torch.Tensor:
+        generator = torch.Generator().manual_seed(args.seed)
+        return torch.cat([generate_latents(dit, states[i:i + 1].to(device), negative, (1, *shape), "unipc",
+                                           cfg.sample_steps, cfg.sample_shift, cfg.guidance_scale, generator,
+                                           progress=False)
+                          for i in tqdm(range(len(states)), desc="prior samples (once)")])
+    return cache_tensor(path, {**fingerprint, "shape": str(shape), "steps": str(cfg.sample_steps),
+                               "seed": str(args.seed)}, generate)          # (P, C, F, H, W)
 
 
 # ----------------------------------------------------------------------------- what each stage trains on

@@ -26,8 +26,8 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
-from data import Concept, VideoLatents, cache_latents, cache_tensor, cache_text, preview_prompts
-from data import prior_prompts, resolve_run, sequence_batches, set_batches, warn_split_tokens
+from data import Concept, VideoLatents, cache_latents, cache_text, preview_prompts
+from data import prior_latents, prior_prompts, resolve_run, sequence_batches, set_batches, warn_split_tokens
 from lora.export import export_lora, export_split
 from lora.lora import adapter_state_dict, inject, load_adapter_file, save_adapter
 from lora.lora import set_stage, trainable_parameters
@@ -57,21 +57,6 @@ TRAINING_DEFAULTS = {
     "toy": {"rank": 32, "lr": 3e-3, "batch": 8, "grad_accum": 1, "text_mask": 0.0, "drop_set": 0.3,
             "drop_sequence": 0.2, "prior_weight": 0.0625},
 }
-
-
-def prior_latents(args, dit, cfg, states: torch.Tensor, negative: torch.Tensor, shape, path: str,
-                  fingerprint: dict[str, str]) -> torch.Tensor:
-    """Samples of the BASE model (no adapter yet) from the prior prompts' text states, generated once and cached."""
-    device = negative.device
-
-    def generate() -> torch.Tensor:
-        generator = torch.Generator().manual_seed(args.seed)
-        return torch.cat([generate_latents(dit, states[i:i + 1].to(device), negative, (1, *shape), "unipc",
-                                           cfg.sample_steps, cfg.sample_shift, cfg.guidance_scale, generator,
-                                           progress=False)
-                          for i in tqdm(range(len(states)), desc="prior samples (once)")])
-    return cache_tensor(path, {**fingerprint, "shape": str(shape), "steps": str(cfg.sample_steps),
-                               "seed": str(args.seed)}, generate)          # (P, C, F, H, W)
 
 
 def learning_rate(step: int, steps: int, peak: float, schedule: str, warmup: int) -> float:

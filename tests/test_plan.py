@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bench
+from lora import memory
 from torch._subclasses.fake_tensor import FakeTensorMode
 from lora.lora import trainable_parameters
 from model.config import PRESETS
@@ -21,9 +22,9 @@ def test_fake_activations_match_a_real_cpu_step(grad_ckpt, one_thread):
     """Fake-tensor held and peak bytes, from 2 and 3 blocks, equal a real 4-block bf16 CPU step's within 5%."""
     cfg = dataclasses.replace(bench.PRESETS["tiny"].dit, num_layers=4)
     latent = (cfg.in_dim, 3, 8, 8)                                     # (C, F, H, W): 3 x 4 x 4 = 48 tokens
-    planned = bench.measure_activations(cfg, latent, BF16, grad_ckpt, "sequence")
-    full = bench.measure_activations(cfg, latent, BF16, grad_ckpt, "sequence", full_depth=True)
-    real = bench.step_activations(bench.plan_model(cfg, BF16, "sequence"), latent, BF16, grad_ckpt)
+    planned = memory.measure_activations(cfg, latent, BF16, grad_ckpt, "sequence")
+    full = memory.measure_activations(cfg, latent, BF16, grad_ckpt, "sequence", full_depth=True)
+    real = memory.step_activations(memory.plan_model(cfg, BF16, "sequence"), latent, BF16, grad_ckpt)
     assert planned == full                                             # the extrapolation is exact
     for key in ("held", "peak"):
         assert real[key] > 0 and abs(planned[key] / real[key] - 1) < 0.05, (key, planned, real)
@@ -39,10 +40,10 @@ def test_held_bytes_are_the_tensors_saved_for_backward():
         return tensor
 
     with FakeTensorMode():
-        model = bench.plan_model(cfg, BF16, "sequence")
+        model = memory.plan_model(cfg, BF16, "sequence")
         weights = {p.untyped_storage()._cdata for p in model.parameters()}   # a linear saves its weight
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            acts = bench.step_activations(model, (cfg.in_dim, 1, 60, 104), BF16, grad_ckpt=False)
+            acts = memory.step_activations(model, (cfg.in_dim, 1, 60, 104), BF16, grad_ckpt=False)
     activations = sum(n for key, n in saved.items() if key not in weights)
     # Also alive: x0 and noise (fp32), the bf16 text states (the DiT saves its padded copy) and RoPE's cos/sin cache.
     L = 1560
@@ -53,19 +54,19 @@ def test_held_bytes_are_the_tensors_saved_for_backward():
 def test_weight_and_adapter_bytes():
     """bf16 keeps load_wan's fp32 modules; fp8 halves the block linears; offloading keeps two blocks resident."""
     cfg = bench.PRESETS["wan2.1-t2v-1.3b"].dit
-    model = bench.plan_model(cfg, BF16, "sequence", device="meta")
+    model = memory.plan_model(cfg, BF16, "sequence", device="meta")
     params = dict(model.named_parameters())
-    frozen = {n: p for n, p in params.items() if not n.endswith(bench.ADAPTER_TENSORS)}
-    assert bench.weight_bytes(model, fp8=False, offload=0) == sum(p.nbytes for p in frozen.values())
+    frozen = {n: p for n, p in params.items() if not n.endswith(memory.ADAPTER_TENSORS)}
+    assert memory.weight_bytes(model, fp8=False, offload=0) == sum(p.nbytes for p in frozen.values())
     assert params["blocks.0.ffn.0.base.weight"].dtype == BF16 and params["blocks.0.modulation"].dtype == torch.float32
     linears = sum(p.numel() for n, p in frozen.items() if n.startswith("blocks.") and n.endswith("base.weight"))
-    assert bench.weight_bytes(model, fp8=True, offload=0) == bench.weight_bytes(model, False, 0) - linears
+    assert memory.weight_bytes(model, fp8=True, offload=0) == memory.weight_bytes(model, False, 0) - linears
     block = sum(p.nbytes for n, p in frozen.items() if n.startswith("blocks.0."))
-    assert bench.weight_bytes(model, False, cfg.num_layers) == bench.weight_bytes(model, False, 0) - 28 * block
+    assert memory.weight_bytes(model, False, cfg.num_layers) == memory.weight_bytes(model, False, 0) - 28 * block
     # Stage sequence: all three adapter tensors resident, the residual also with a grad and two AdamW moments.
-    adapters = [p for n, p in params.items() if n.endswith(bench.ADAPTER_TENSORS)]
+    adapters = [p for n, p in params.items() if n.endswith(memory.ADAPTER_TENSORS)]
     residuals = sum(p.nbytes for n, p in params.items() if n.endswith("residual"))
-    assert bench.adapter_bytes(model) == sum(p.nbytes for p in adapters) + 3 * residuals
+    assert memory.adapter_bytes(model) == sum(p.nbytes for p in adapters) + 3 * residuals
 
 
 def test_plan_table_and_docs(tmp_path, one_thread):
@@ -106,17 +107,17 @@ def test_plan_predicts_a_real_13b_training_step(one_thread):
     """The planned total of a 1.3B micro-step (1 frame at 480x832, ckpt on, bf16) is within 15% of a real one."""
     cfg = bench.PRESETS["wan2.1-t2v-1.3b"].dit
     latent = (cfg.in_dim, 1, 60, 104)                                  # 1 latent frame: L = 1560 tokens
-    shapes = bench.plan_model(cfg, BF16, "sequence", device="meta")
-    acts = bench.measure_activations(cfg, latent, BF16, True, "sequence")
-    planned = bench.weight_bytes(shapes, fp8=False, offload=0) + bench.adapter_bytes(shapes) + acts["peak"]
+    shapes = memory.plan_model(cfg, BF16, "sequence", device="meta")
+    acts = memory.measure_activations(cfg, latent, BF16, True, "sequence")
+    planned = memory.weight_bytes(shapes, fp8=False, offload=0) + memory.adapter_bytes(shapes) + acts["peak"]
 
     fix_mmap_threshold()
     rss_before, maxrss_before = rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    with bench.LiveTensorBytes() as tracker:                           # every tensor byte the step allocates
-        model = bench.plan_model(cfg, BF16, "sequence")                # real random weights on the CPU
+    with memory.LiveTensorBytes() as tracker:                           # every tensor byte the step allocates
+        model = memory.plan_model(cfg, BF16, "sequence")                # real random weights on the CPU
         params = list(trainable_parameters(model).values())
         optimizer = torch.optim.AdamW(params, lr=bench.TRAIN_LR, betas=(0.9, 0.99), weight_decay=0.01)
-        real = bench.step_activations(model, latent, BF16, grad_ckpt=True)
+        real = memory.step_activations(model, latent, BF16, grad_ckpt=True)
         torch.nn.utils.clip_grad_norm_(params, bench.TRAIN_CLIP)
         optimizer.step()                                               # creates the two AdamW moments
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -132,8 +133,8 @@ def test_plan_predicts_a_real_13b_training_step(one_thread):
 
 def test_sharded_weights_are_a_share_of_the_frozen_linears():
     """--shard-base over N ranks keeps 1/N of the frozen block linears (plus one gathered), the rest whole."""
-    model = bench.plan_model(PRESETS["tiny"].dit, torch.bfloat16, "set", device="meta")
-    whole, two, four = (bench.weight_bytes(model, False, 0, shard) for shard in (1, 2, 4))
+    model = memory.plan_model(PRESETS["tiny"].dit, torch.bfloat16, "set", device="meta")
+    whole, two, four = (memory.weight_bytes(model, False, 0, shard) for shard in (1, 2, 4))
     linears = sum(p.nbytes for name, p in model.named_parameters()
                   if name.startswith("blocks.") and name.endswith("base.weight"))
     assert whole > two > four > whole - linears
