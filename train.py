@@ -161,12 +161,14 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str, ranks
     def load_part(part: str):
         # --offload-blocks: the DiT is built in CPU memory; offload_blocks puts what stays on the device
         where = "cpu" if part == "dit" and args.offload_blocks else device
-        return load_wan(args.model, parts=(part,), device=where, dtype=dtype, fp8=args.fp8, **single_files(args))
+        loaded = load_wan(args.model, parts=(part,), device=where, dtype=dtype, fp8=args.fp8, **single_files(args))
+        if part == "text":
+            warn_split_tokens(loaded.tokenizer, concepts)
+        return loaded
     load = functools.cache(load_part)                    # each encoder once, and only if a cache misses
 
     def encode(prompts: list[str]) -> torch.Tensor:
         text_part = load("text")
-        warn_split_tokens(text_part.tokenizer, concepts)
         return encode_prompts(text_part.tokenizer, text_part.text_encoder, prompts, device)
 
     videos: list[VideoLatents] = [
