@@ -45,12 +45,11 @@ import torch
 import torch.nn.functional as F
 
 from lora.lora import inject, lora_modules, set_stage, trainable_parameters
-from lora.memory import (HEADROOM, PLAN_FRAMES, PLAN_PRESETS, RANK, LiveTensorBytes, adapter_bytes, format_plan,
-                         measure_activations, plan_model, weight_bytes)
+from lora.memory import HEADROOM, PLAN_FRAMES, PLAN_PRESETS, RANK, LiveTensorBytes, format_plan, plan_rows
 from model.config import PRESETS, DiTConfig
 from model.dit import WanDiT
 from model.files import write_section
-from model.flow import add_noise, flow_loss, sample_train_sigmas, unipc_sigmas, velocity_target
+from model.flow import add_noise, flow_matching_loss, sample_train_sigmas, unipc_sigmas, velocity_target
 from model.keymaps import DIT_KEYS
 from model.loader import WanModels, load_wan
 from model.save import save_diffusers
@@ -350,10 +349,12 @@ def run_config(name: str, frames: int, height: int, width: int, args, device, dt
             text = torch.randn(batch, S, text_dim, generator=gen)
             text = text * (torch.rand(batch, S, 1, generator=gen) >= 0.1)          # train.py's text masking
             x0, noise, sigmas, text = (v.to(device) for v in (x0, noise, sigmas, text))
-            target = velocity_target(x0, noise)
-            calls = dit_calls(add_noise(x0, noise, sigmas).to(dtype), sigmas * 1000, text.to(dtype))
-            losses = {"ours": lambda: flow_loss(calls["ours"](), target).mean(),
-                      "ref": lambda: F.mse_loss(calls["ref"]().float(), target)}
+            ref_call = dit_calls(add_noise(x0, noise, sigmas).to(dtype), sigmas * 1000, text.to(dtype))["ref"]
+
+            def ours_loss():            # train.py's loss function, under train.py's autocast
+                with autocast:
+                    return flow_matching_loss(dit, x0, noise, sigmas, text.to(dtype)).mean()
+            losses = {"ours": ours_loss, "ref": lambda: F.mse_loss(ref_call().float(), velocity_target(x0, noise))}
             step_tokens = tokens if stage == "sequence" else tokens // latent[1]
             add(f"train step, stage {stage}, B={batch}{suffix}",
                 {side: train_step(losses[side], params[side]) for side in losses},
@@ -388,39 +389,12 @@ def format_table(rows: list[dict], args) -> str:
     return "\n".join(head + [format_row(row, args) for row in rows])
 
 
-# ---- the memory planner (--plan): what one training micro-step needs on the device ----
-# Weights and adapter state are counted from the model's own parameters; activations are measured by
-# running the real forward and backward of our DiT on fake tensors (shapes and dtypes, no data, no memory).
-def plan_rows(args) -> list[dict]:
-    """One row per preset x frames x checkpointing x weight format x offloaded blocks."""
-    rows = []
-    for name in args.config or PLAN_PRESETS:
-        cfg = PRESETS[name]
-        height, width = args.height or cfg.height, args.width or cfg.width
-        model = plan_model(cfg.dit, torch.bfloat16, args.stage, device="meta")   # the full size: bytes of weights
-        adapter = adapter_bytes(model)
-        offloads = sorted({cfg.dit.num_layers if n == "all" else int(n) for n in args.offload})
-        if not 0 <= offloads[0] <= offloads[-1] <= cfg.dit.num_layers:
-            raise ValueError(f"--offload: {name} has {cfg.dit.num_layers} blocks, got {args.offload}")
-        for frames in args.frames or PLAN_FRAMES:
-            latent = (cfg.dit.in_dim, (frames - 1) // cfg.vae.temporal_factor + 1,
-                      height // cfg.vae.spatial_factor, width // cfg.vae.spatial_factor)   # (C, F, H, W)
-            tokens = math.prod(n // p for n, p in zip(latent[1:], cfg.dit.patch_size))    # L
-            for ckpt in (False, True):
-                acts = measure_activations(cfg.dit, latent, torch.bfloat16, ckpt, args.stage, args.plan_full_depth)
-                for fp8 in (False, True):
-                    for offload in offloads:
-                        weights = weight_bytes(model, fp8, offload)
-                        rows.append({"model": name, "frames": frames, "tokens": tokens, "ckpt": ckpt, "fp8": fp8,
-                                     "offload": offload, "weights": weights, "adapter": adapter,
-                                     "held": acts["held"], "activations": acts["peak"],
-                                     "total": weights + adapter + acts["peak"]})
-    return rows
-
-
+# ---- the memory planner (--plan): what one training micro-step needs on the device (lora/memory.py) ----
 def plan_main(args: argparse.Namespace) -> tuple[list[dict], str]:
     start = time.perf_counter()
-    rows = plan_rows(args)
+    offloads = [None if n == "all" else int(n) for n in args.offload]
+    rows = plan_rows(args.config or PLAN_PRESETS, args.frames or PLAN_FRAMES, args.height, args.width, args.stage,
+                     offloads, args.plan_full_depth)
     table = (f"Per micro-step, batch 1, stage {args.stage}, rank-{RANK} adapter on every block linear, bf16 compute; "
              f"fits: total <= {HEADROOM:.0%} of the card.\n\n" + format_plan(rows))
     print(table)

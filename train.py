@@ -18,7 +18,6 @@ import argparse
 import functools
 import glob
 import json
-import math
 import os
 import sys
 from dataclasses import asdict
@@ -29,14 +28,14 @@ from tqdm import tqdm
 from data import Concept, VideoLatents, cache_latents, cache_text, preview_prompts
 from data import prior_latents, prior_prompts, resolve_run, sequence_batches, set_batches, warn_split_tokens
 from lora.export import export_lora, export_split
-from lora.lora import adapter_state_dict, inject, load_adapter_file, save_adapter
+from lora.lora import inject, load_adapter_file, save_adapter
 from lora.lora import set_stage, trainable_parameters
+from lora.training import learning_rate, load_state, plot_losses, rng_states, save_state
 from model.checkpoint import weights_fingerprint
-from model.files import atomic_path
 from model.flow import flow_matching_loss, sample_train_sigmas
 from model.loader import DTYPES, add_model_arguments, load_wan, single_files
 from model.offload import offload_blocks
-from model.parallel import Ranks, barrier, gather, init_ranks, reshard_all, shard_frozen_linears, share
+from model.parallel import Ranks, barrier, init_ranks, reshard_all, shard_frozen_linears, share
 from model.parallel import sum_gradients, sum_values
 from model.pipeline import check_size, generate_latents
 from model.text_encoder import encode_prompts
@@ -57,53 +56,6 @@ TRAINING_DEFAULTS = {
     "toy": {"rank": 32, "lr": 3e-3, "batch": 8, "grad_accum": 1, "text_mask": 0.0, "drop_set": 0.3,
             "drop_sequence": 0.2, "prior_weight": 0.0625},
 }
-
-
-def learning_rate(step: int, steps: int, peak: float, schedule: str, warmup: int) -> float:
-    """Linear warmup over `warmup` steps, then constant or a cosine decay to 0 at the last step."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    if schedule == "cosine":
-        return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
-    return peak
-
-
-def plot_losses(log_path: str, svg_path: str, width: int = 640, height: int = 240) -> None:
-    """The loss log as an SVG line plot (each step, and its mean over 20 steps), no plotting library."""
-    with open(log_path) as f:
-        losses = [json.loads(line)["loss"] for line in f if line.strip()]
-    if len(losses) < 2:
-        return
-    smooth = [sum(losses[max(0, i - 19):i + 1]) / len(losses[max(0, i - 19):i + 1]) for i in range(len(losses))]
-    low, high = min(losses), max(losses)
-    x = lambda i: 40 + i * (width - 50) / (len(losses) - 1)                   # noqa: E731
-    y = lambda v: height - 25 - (v - low) * (height - 40) / max(high - low, 1e-12)  # noqa: E731
-    line = lambda values, style: (f'<polyline fill="none" {style} points="'   # noqa: E731
-                                  + " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(values)) + '"/>')
-    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-           f'font-size="11"><rect width="100%" height="100%" fill="white"/>'
-           + line(losses, 'stroke="#bbb"') + line(smooth, 'stroke="#c33" stroke-width="2"')
-           + f'<text x="40" y="12">loss per step (grey) and its mean over 20 steps (red), steps 1-{len(losses)}</text>'
-           + f'<text x="2" y="{y(high) + 4:.0f}">{high:.3g}</text><text x="2" y="{y(low):.0f}">{low:.3g}</text></svg>')
-    with atomic_path(svg_path) as tmp, open(tmp, "w") as f:
-        f.write(svg)
-
-
-def rng_states(noise_gen: torch.Generator, ranks: Ranks) -> dict:
-    """The random streams a step draws from: noise/sigmas/text masks (the same on every rank), and
-    each rank's own DropConnect masks (every rank calls this: it gathers them)."""
-    states = {"noise_gen": noise_gen.get_state(), "rng": gather(torch.get_rng_state(), ranks)}
-    if torch.cuda.is_available():
-        states["cuda_rng"] = gather(torch.cuda.get_rng_state(), ranks)   # DropConnect masks on the GPU
-    return states
-
-
-def save_state(path: str, step: int, model, optimizer, rng: dict, losses: list[float]) -> None:
-    """Everything a resumed run needs to continue bit-exactly, written atomically."""
-    state = {"step": step, "adapter": adapter_state_dict(model), "optimizer": optimizer.state_dict(),
-             "losses": losses, **rng}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
 
 
 def main(args: argparse.Namespace) -> str:
@@ -236,20 +188,7 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str, ranks
     data_gen, noise_gen = torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(args.seed + 1)
     state_path, start, losses = os.path.join(run_dir, f"{args.stage}-state.pt"), 0, []
     if args.resume and os.path.exists(state_path):
-        state = torch.load(state_path, weights_only=True)
-        with torch.no_grad():
-            for key, tensor in state["adapter"].items():
-                dit.get_parameter(key).copy_(tensor)
-        optimizer.load_state_dict(state["optimizer"])
-        if len(state["rng"]) != ranks.world:
-            raise ValueError(f"{state_path} was written by a run of {len(state['rng'])} processes, this one has "
-                             f"{ranks.world}: resume with --nproc-per-node {len(state['rng'])} (the samples of a "
-                             "step are split by the number of processes)")
-        noise_gen.set_state(state["noise_gen"])
-        torch.set_rng_state(state["rng"][ranks.rank])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda_rng"][ranks.rank])
-        start, losses = state["step"], state["losses"]
+        start, losses = load_state(state_path, dit, optimizer, noise_gen, ranks)
     # Stage set: random single frames of the video(s) (no order can leak); sequence: the ordered clip.
     # One draw is an optimizer step's worth of samples, so --batch only decides how many run at once.
     # Every rank draws the same samples (same seeds) and trains on its share of them (model/parallel.py).

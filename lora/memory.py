@@ -8,6 +8,7 @@ each column means and how the count was checked against a real 1.3B step (within
 Shapes: C latent channels, F H W latent frames/height/width, L tokens.
 """
 import dataclasses
+import math
 import weakref
 
 import torch
@@ -17,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from lora.lora import inject, set_stage
-from model.config import DiTConfig
+from model.config import PRESETS, DiTConfig
 from model.dit import WanDiT
 from model.flow import flow_matching_loss
 from model.loader import storage_dtype
@@ -132,6 +133,34 @@ def measure_activations(cfg: DiTConfig, latent: tuple[int, ...], dtype: torch.dt
         return counts[0]
     two, three = counts
     return {key: two[key] + (cfg.num_layers - 2) * (three[key] - two[key]) for key in two}
+
+
+def plan_rows(presets, frame_counts, height: int | None, width: int | None, stage: str,
+              offloads: list[int | None], full_depth: bool = False) -> list[dict]:
+    """One row per preset x frames x checkpointing x weight format x blocks offloaded (None: all)."""
+    rows = []
+    for name in presets:
+        cfg = PRESETS[name]
+        h, w = height or cfg.height, width or cfg.width
+        model = plan_model(cfg.dit, torch.bfloat16, stage, device="meta")   # the full size: bytes of weights
+        adapter = adapter_bytes(model)
+        blocks = sorted({cfg.dit.num_layers if n is None else n for n in offloads})
+        if not 0 <= blocks[0] <= blocks[-1] <= cfg.dit.num_layers:
+            raise ValueError(f"--offload: {name} has {cfg.dit.num_layers} blocks, got {offloads}")
+        for frames in frame_counts:
+            latent = (cfg.dit.in_dim, (frames - 1) // cfg.vae.temporal_factor + 1,
+                      h // cfg.vae.spatial_factor, w // cfg.vae.spatial_factor)   # (C, F, H, W)
+            tokens = math.prod(n // p for n, p in zip(latent[1:], cfg.dit.patch_size))    # L
+            for ckpt in (False, True):
+                acts = measure_activations(cfg.dit, latent, torch.bfloat16, ckpt, stage, full_depth)
+                for fp8 in (False, True):
+                    for offload in blocks:
+                        weights = weight_bytes(model, fp8, offload)
+                        rows.append({"model": name, "frames": frames, "tokens": tokens, "ckpt": ckpt, "fp8": fp8,
+                                     "offload": offload, "weights": weights, "adapter": adapter,
+                                     "held": acts["held"], "activations": acts["peak"],
+                                     "total": weights + adapter + acts["peak"]})
+    return rows
 
 
 def format_plan(rows: list[dict]) -> str:

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import sample
 import train
+from lora import training
 from conftest import moving_square
 from model.config import PRESETS
 from test_train import run_train
@@ -49,10 +50,10 @@ def test_log_plot_and_kept_adapters(tiny, tmp_path):
 
 def test_learning_rate_schedules():
     """Warmup rises linearly to the peak; cosine ends near 0; constant stays at the peak."""
-    assert train.learning_rate(0, 10, 1.0, "constant", 4) == 0.25
-    assert train.learning_rate(3, 10, 1.0, "cosine", 4) == 1.0
-    assert train.learning_rate(9, 10, 1.0, "cosine", 4) < 0.1
-    assert train.learning_rate(9, 10, 1.0, "constant", 0) == 1.0
+    assert training.learning_rate(0, 10, 1.0, "constant", 4) == 0.25
+    assert training.learning_rate(3, 10, 1.0, "cosine", 4) == 1.0
+    assert training.learning_rate(9, 10, 1.0, "cosine", 4) < 0.1
+    assert training.learning_rate(9, 10, 1.0, "constant", 0) == 1.0
 
 
 def test_caption_file_is_the_prompt(tiny, tmp_path):
