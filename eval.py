@@ -3,6 +3,7 @@
     python eval.py               # 3 concepts x 10 rows x 2 seeds + composition: 56 runs, 47 min on 2 cores
     python eval.py --seeds 1     # a quick look (about half the time)
     python eval.py --write-docs  # also write the tables and plot into docs/results.md
+    python eval.py --only-composition   # composition with and without the stitched pairs: 4 runs
 
 The paper's claim (docs/method.md): two stages, set then sequence, keep identity and motion while
 following edit prompts better than a one-stage LoRA of the same rank trained on the video (the
@@ -77,7 +78,10 @@ VARIANTS: dict[str, tuple[str, tuple[tuple[str, tuple[str, ...]], ...], str | No
               "sequence.safetensors"),
     "input_basis": ("as ours, the basis on the input side", (("set", ("--basis-side", "input")), ("sequence", ())),
                     "sequence.safetensors"),
+    "no_pairs": ("as ours, without the stitched two-concept clips (composition only)",
+                 (("set", ()), ("sequence", ("--composition-weight", "0"))), "sequence.safetensors"),
 }
+COMPOSITION = ("ours", "no_pairs")   # the variants a composition job trains; no_pairs trains nothing else
 SHARED_RUN = {"set": "ours"}   # "set" is the first half of "ours": sample its set.safetensors, train nothing
 
 
@@ -96,15 +100,16 @@ def make_jobs(concept_names: list[str], variants: list[str], seeds: int, composi
     for seed in range(seeds):
         for concept in concept_names:
             runs: dict[str, list[str]] = {}
-            for variant in variants:
+            for variant in (v for v in variants if v != "no_pairs"):
                 runs.setdefault(SHARED_RUN.get(variant, variant), []).append(variant)
             for run, sampled in runs.items():
                 samples = tuple((v, VARIANTS[v][2]) for v in sampled)
                 jobs.append(Job(f"{concept}/{run}/seed{seed}", (concept,), seed, VARIANTS[run][1], samples))
         if composition:
             pair = composition_pair()
-            jobs.append(Job(f"composition/{'+'.join(pair)}/seed{seed}", pair, seed, VARIANTS["ours"][1],
-                            (("ours", "sequence.safetensors"),)))
+            for variant in [v for v in COMPOSITION if v in variants] or ["ours"]:
+                jobs.append(Job(f"composition/{'+'.join(pair)}/{variant}/seed{seed}", pair, seed,
+                                VARIANTS[variant][1], ((variant, "sequence.safetensors"),)))
     # the longest jobs first, so the workers finish together
     return sorted(jobs, key=lambda j: -sum(STAGE_STEPS[s] for s, _ in j.stages) * len(j.concepts))
 
@@ -285,13 +290,13 @@ def composition_table(results: list[dict]) -> str:
     rows = [row for result in results for row in result["rows"] if len(row["concepts"]) == 2]
     if not rows:
         return ""
-    lines = ["| seed | prompt | per concept: colour right, first-frame identity, motion label right, motion score |",
-             "|---|---|---|"]
-    for row in sorted(rows, key=lambda r: r["seed"]):
+    lines = ["| variant | seed | prompt | per concept: colour right, first-frame identity, motion label right, "
+             "motion score |", "|---|---|---|---|"]
+    for row in sorted(rows, key=lambda r: (r["variant"], r["seed"])):
         cells = "; ".join(f"{name}: {'yes' if s['colour_ok'] else 'no'}, {first:.2f}, "
                           f"{'yes' if s['motion_ok'] else 'no'} ({s['motion']}), {s['motion_score']:.2f}"
                           for name, s, first in zip(row["concepts"], row["sprites"], row["first_frame_identity"]))
-        lines.append(f"| {row['seed']} | {row['prompt']} | {cells} |")
+        lines.append(f"| `{row['variant']}` | {row['seed']} | {row['prompt']} | {cells} |")
     return "\n".join(lines)
 
 
@@ -336,9 +341,13 @@ def main(args: argparse.Namespace) -> None:
     unknown = [c for c in concepts if c not in CONCEPTS] + [v for v in args.variant or [] if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown concept/variant {unknown}; concepts: {list(CONCEPTS)}, variants: {list(VARIANTS)}")
+    if args.only_composition and args.write_docs:
+        raise ValueError("--write-docs rewrites the whole results section: run it without --only-composition")
     if args.seeds < 1 or args.workers < 1:
         raise ValueError("--seeds and --workers must be >= 1")
     variants = args.variant or list(VARIANTS)
+    if args.only_composition:
+        concepts, variants = [], [v for v in variants if v in COMPOSITION] or list(COMPOSITION)
     jobs = make_jobs(concepts, variants, args.seeds, not args.no_composition)
     start, results = time.time(), []
     context = get_context("spawn")   # fresh interpreters: one thread each, no state shared with this one
@@ -357,18 +366,19 @@ def main(args: argparse.Namespace) -> None:
             json.dump({"minutes": minutes, "runs": len(jobs)}, f)
     table, summary = tabulate(results, variants)
     composition = composition_table(results)
-    plot_svg(summary, os.path.join(args.out_dir, "tradeoff.svg"))
+    if summary:
+        plot_svg(summary, os.path.join(args.out_dir, "tradeoff.svg"))
     command = "python eval.py" + "".join(f" {a}" for a in sys.argv[1:])
     train_minutes = sum(r["seconds"] for r in results) / 60
     report = (f"`{command}`: {len(jobs)} runs, {minutes:.1f} min wall on this machine "
-              f"({train_minutes:.0f} min of single-thread jobs), {args.seeds} seed(s); "
-              f"mean ± std over seeds of the mean over {len(concepts)} concepts.\n\n{table}\n")
-    if "ours" in variants:
+              f"({train_minutes:.0f} min of single-thread jobs), {args.seeds} seed(s)")
+    report += f"; mean ± std over seeds of the mean over {len(concepts)} concepts.\n\n{table}\n" if summary else ".\n"
+    if "ours" in variants and concepts:
         report += f"\nPer concept, `ours` (mean over seeds):\n\n{per_concept_table(results, 'ours')}\n"
     if composition:
         report += f"\nComposition (two concepts, one jointly trained adapter, prompted together):\n\n{composition}\n"
     print("\n" + report)
-    if args.write_docs:
+    if args.write_docs and summary:
         plot_copy = os.path.join("assets", "eval_tradeoff.svg")
         plot_svg(summary, plot_copy)
         link = os.path.relpath(plot_copy, os.path.dirname(RESULTS))   # the image link is relative to the page
@@ -382,6 +392,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concept", action="append", help="only this concept (repeatable; default all three)")
     p.add_argument("--variant", action="append", help=f"only this variant (repeatable): {', '.join(VARIANTS)}")
     p.add_argument("--no-composition", action="store_true", help="skip the two-concept composition runs")
+    p.add_argument("--only-composition", action="store_true",
+                   help="only the two-concept runs: trained with and without the stitched pairs")
     p.add_argument("--model", default="toy/checkpoint", help="base model folder (the toy model)")
     p.add_argument("--out-dir", default="runs/eval", help="run folders and results (resumable)")
     p.add_argument("--workers", type=int, default=2, help="parallel single-thread jobs (one per core)")

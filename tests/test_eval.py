@@ -10,11 +10,17 @@ def test_jobs_cover_every_variant_once_per_concept_and_seed():
     jobs = evaluation.make_jobs(list(CONCEPTS), list(evaluation.VARIANTS), seeds=2, composition=True)
     sampled = [(job.concepts, job.seed, variant) for job in jobs if len(job.concepts) == 1
                for variant, _ in job.samples]
-    assert len(sampled) == len(set(sampled)) == len(CONCEPTS) * len(evaluation.VARIANTS) * 2
+    single = [v for v in evaluation.VARIANTS if v != "no_pairs"]     # no_pairs only changes composition
+    assert len(sampled) == len(set(sampled)) == len(CONCEPTS) * len(single) * 2
     # "set" is the first half of "ours": sampled from that run, not trained again
-    ours = [job for job in jobs if job.name.endswith("ours/seed0")]
+    ours = [job for job in jobs if job.name.endswith("ours/seed0") and len(job.concepts) == 1]
     assert all({v for v, _ in job.samples} == {"ours", "set"} for job in ours)
-    assert sum(len(job.concepts) == 2 for job in jobs) == 2          # one composition run per seed
+    # per seed, one composition run with the stitched pairs and one without
+    pairs = [job for job in jobs if len(job.concepts) == 2]
+    assert sorted((job.seed, job.samples[0][0]) for job in pairs) == [(0, "no_pairs"), (0, "ours"),
+                                                                      (1, "no_pairs"), (1, "ours")]
+    no_pairs = next(job for job in pairs if job.samples[0][0] == "no_pairs")
+    assert no_pairs.stages[1] == ("sequence", ("--composition-weight", "0"))
     assert all(job.stages == () for job in jobs if "/base/" in job.name or "/vae/" in job.name)
 
 
