@@ -12,6 +12,15 @@ Variants:
   --anchor-p P        frame-anchored clips: in a share P of clips latent frame 0 is given clean
                       (its loss masked), as Diffusion Forcing anchors a frame
   --world W           default | colours-on-black | white-on-backgrounds (the cut-down worlds)
+  --colours A,B,..    only these sprite colours (with --world colours-on-black: fewer colours)
+  --patch 1           the DiT's patch 1x1x1 instead of 1x2x2: a token is one latent pixel (8 px)
+  --amplitude PX      how far motions travel from the anchor, in pixels at 64 (the world's is 10)
+  --vae PATH          another toy VAE (a checkpoint folder) to encode and decode with
+Tools: `--probe FOLDER` prints how colour-blind a VAE's motion signature is (the latent-shift probe);
+`--breakdown` scores a finished run's weights per colour and per motion. A colour-blind latent to
+try with --vae: `--tie-vae FOLDER` fine-tunes the shipped toy VAE so that
+its first 4 latent channels are the sprites' coverage (2x2 sub-cells of each latent pixel, the sprite
+rendered white on black: the same for every colour), saves a checkpoint folder and exits.
 Run from the project folder: python -m toy.motion_experiments --name NAME [...]; each run appends a
 line to <--root>/results.jsonl. The issue 17 table of docs/toy-model.md came from these runs (one
 thread each, two side by side on the 2-core machine, 32-70 minutes a run).
@@ -98,16 +107,33 @@ def build_cache(vae, n: int, seed: int) -> dict:
     return out
 
 
-def main(a):
-    torch.set_num_threads(1)
-    os.makedirs(a.out, exist_ok=True)
+def setup(a):
+    """The base parts (the shipped umT5 config and tokenizer; --vae's VAE), the DiT config, the world."""
     base = load_wan("toy/checkpoint", parts=("vae", "text"))
-    cfg, tokenizer = base.cfg, base.tokenizer
+    if a.vae:               # its own latent statistics come with it
+        other = load_wan(a.vae, parts=("vae",))
+        base = replace(base, cfg=replace(base.cfg, vae=other.cfg.vae), vae=other.vae)
+    cfg = base.cfg
+    if a.patch == 1:
+        cfg = replace(cfg, dit=replace(cfg.dit, patch_size=(1, 1, 1)))
+    world.AMPLITUDE = a.amplitude / 64
     if a.world == "colours-on-black":
         WORLD["backgrounds"] = ("black",)
     elif a.world == "white-on-backgrounds":
         WORLD["colours"] = ("white",)
-    cache_path = os.path.join(a.root, f"cache_{a.world}.pt")
+    if a.colours:
+        WORLD["colours"] = tuple(a.colours.split(","))
+    return base, cfg
+
+
+def main(a):
+    torch.set_num_threads(1)
+    os.makedirs(a.out, exist_ok=True)
+    base, cfg = setup(a)
+    tokenizer = base.tokenizer
+    tag = "" if a.amplitude == 10 and not a.vae else f"_a{a.amplitude:g}_{os.path.basename(a.vae or 'toy')}"
+    tag += f"_{a.colours.replace(',', '-')}" if a.colours else ""
+    cache_path = os.path.join(a.root, f"cache_{a.world}{tag}.pt")
     if os.path.exists(cache_path):
         cache = torch.load(cache_path)
     else:
@@ -129,7 +155,7 @@ def main(a):
     params = list(dit.parameters()) + list(enc.parameters()) + (list(head.parameters()) if a.sil_weight else [])
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.99), weight_decay=0.01)
     g = torch.Generator().manual_seed(a.seed + 4)
-    B = 16
+    B = a.batch
 
     def batch(moments, ids, mask, cov):
         rows = torch.randint(len(moments), (B,), generator=g)
@@ -192,16 +218,129 @@ def main(a):
         rows += [oracle.score(v.transpose(0, 1), s) for s, v in zip(scenes[i:i + 25], vids)]
     res = {k: sum(float(r[k]) for r in rows) / len(rows) for k in ("background_ok", "colour_ok", "motion_ok")}
     res.update(name=a.name, steps=a.steps, train_min=round(train_min, 1), clip_shift=a.clip_shift,
-               sil_weight=a.sil_weight, lr=a.lr, anchor_p=a.anchor_p, world=a.world)
+               sil_weight=a.sil_weight, lr=a.lr, anchor_p=a.anchor_p, world=a.world,
+               patch=a.patch, amplitude=a.amplitude, batch=a.batch, vae=a.vae, colours=a.colours)
     print(json.dumps(res), file=log, flush=True)
     with open(os.path.join(a.root, "results.jsonl"), "a") as f:
         f.write(json.dumps(res) + "\n")
     torch.save({"dit": dit.state_dict(), "t5": enc.state_dict()}, os.path.join(a.out, "weights.pt"))
 
 
+def sub_cell_coverage(cov: torch.Tensor) -> torch.Tensor:
+    """(T=4k+1, 64, 64) -> (4, 1+k, 8, 8): per latent pixel, the coverage of its 2x2 sub-cells (4x4 px)."""
+    first, rest = cov[:1], cov[1:]
+    rest = rest.view(-1, 4, 64, 64).mean(1) if len(rest) else rest[:0]
+    cells = F.avg_pool2d(torch.cat([first, rest])[:, None], 4)[:, 0]            # (F, 16, 16)
+    return torch.stack([cells[:, i::2, j::2] for i in (0, 1) for j in (0, 1)])  # (4, F, 8, 8)
+
+
+def make_tied_vae(a) -> None:
+    """Fine-tune the shipped VAE: reconstruction + KL + a tie of channels 0-3 to sprite coverage."""
+    from model.save import save_diffusers
+    from model.vae import CausalCache
+    torch.set_num_threads(1)
+    base = load_wan("toy/checkpoint")
+    vae = base.vae.float().train().requires_grad_(True)
+    g = torch.Generator().manual_seed(11)
+    clips, covs = [], []
+    for _ in range(a.tie_pool):                   # the whole world (held-out looks too), as the VAE's pool
+        scene = world.random_scene(g, "all")
+        ghosts = [world.Scene((replace(s, colour="white", pattern="plain", colour2=None),), "black")
+                  for s in scene.sprites]                                         # one at a time: same colour
+        clips.append(world.to_pixels(world.render(scene)))                           # (T, 3, H, W)
+        covs.append(torch.stack([((world.render(ghost).float().mean(-1) - 20) / 225).clamp(0, 1)
+                                 for ghost in ghosts]).amax(0))                      # (T, H, W)
+    clips, covs = torch.stack(clips).transpose(1, 2), torch.stack(covs)            # (N, 3, T, H, W), (N, T, H, W)
+    opt = torch.optim.AdamW(vae.parameters(), lr=a.tie_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    t0 = time.time()
+    for step in range(a.tie_steps):
+        # odd steps: 8 single frames (the image path); even steps: 2 whole clips (the temporal path)
+        rows = torch.randint(len(clips), (8 if step % 2 else 2,), generator=g)
+        frame = int(torch.randint(world.NUM_FRAMES, (1,), generator=g))
+        span = slice(frame, frame + 1) if step % 2 else slice(None)
+        video = clips[rows][:, :, span]
+        target = torch.stack([sub_cell_coverage(c) for c in covs[rows][:, span]])      # (B, 4, F, 8, 8)
+        mean, logvar = vae.moments(video)
+        logvar = logvar.clamp(-30.0, 20.0)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
+        x, cache, frames = vae.conv2(z), CausalCache(), []
+        for i in range(x.shape[2]):                  # as toy/pretrain_vae.py:reconstruct, one latent frame at a time
+            frames.append(vae.decoder(x[:, :, i:i + 1], cache))
+            cache.next_chunk()
+        mse = (torch.cat(frames, dim=2) - video).pow(2).mean()
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        tie = (mean[:, :4] - (2 * target - 1)).pow(2).mean()
+        loss = mse + 1e-4 * kl + a.tie_weight * tie
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % 50 == 0:
+            print(f"tie step {step + 1} {time.time() - t0:.0f}s mse {mse.item():.5f} tie {tie.item():.4f}", flush=True)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():                        # the new latent statistics, as toy/pretrain.py measures them
+        means = torch.cat([vae.moments(clips[i:i + 8])[0] for i in range(0, min(len(clips), 256), 8)])
+        means = means.transpose(0, 1).flatten(1)
+    stats = dict(latents_mean=tuple(round(v, 4) for v in means.mean(1).tolist()),
+                 latents_std=tuple(round(v, 4) for v in means.std(1).tolist()))
+    cfg = replace(base.cfg, vae=replace(base.cfg.vae, **stats))
+    vae.cfg = cfg.vae                            # the VAE normalizes with the statistics of its config
+    save_diffusers(a.tie_vae, replace(base, cfg=cfg, vae=vae), dtype=torch.float32)
+    print("wrote", a.tie_vae, stats, flush=True)
+
+@torch.no_grad()
+def breakdown(a) -> None:
+    """A run's weights.pt on a balanced grid (every colour x motion, centred, first background): motion
+    right per colour and per motion, and the motion labels the oracle reads."""
+    base, cfg = setup(a)
+    state = torch.load(os.path.join(a.out, "weights.pt"))
+    dit, enc = WanDiT(cfg.dit), UMT5Encoder(cfg.t5)
+    dit.load_state_dict(state["dit"])
+    enc.load_state_dict(state["t5"])
+    models = WanModels(cfg, "toy", dit.eval(), base.vae.eval(), enc.eval(), base.tokenizer)
+    background = WORLD["backgrounds"][0]
+    colours = [c for c in (WORLD["colours"] or world.vocabulary("colour"))
+               if world.contrast(c, background) >= world.MIN_CONTRAST]
+    scenes = [world.Scene((world.Sprite("circle", c, "large", m),), background)
+              for c in colours for m in world.vocabulary("motion")]
+    noise = torch.randn(len(scenes), cfg.vae.z_dim, 5, 8, 8, generator=torch.Generator().manual_seed(1))
+    rows = []
+    for i in range(0, len(scenes), 21):
+        vids = generate(models, [world.caption(s) for s in scenes[i:i + 21]], noise[i:i + 21],
+                        cfg.sample_steps, cfg.sample_shift, cfg.guidance_scale)
+        rows += [oracle.score(v.transpose(0, 1), s) for s, v in zip(scenes[i:i + 21], vids)]
+    for key in ("colour", "motion"):
+        right: dict[str, list[float]] = {}
+        for scene, row in zip(scenes, rows):
+            right.setdefault(getattr(scene.sprites[0], key), []).append(float(row["motion_ok"]))
+        print(f"motion right per {key}:", {k: f"{sum(v) / len(v):.0%}" for k, v in right.items()})
+    labels: dict[str, int] = {}
+    for row in rows:
+        labels[row["sprites"][0]["motion"]] = labels.get(row["sprites"][0]["motion"], 0) + 1
+    print(f"{len(rows)} clips; motion right {sum(r['motion_ok'] for r in rows) / len(rows):.0%}; labels read:",
+          dict(sorted(labels.items(), key=lambda kv: -kv[1])))
+
+
+@torch.no_grad()
+def probe(folder: str) -> None:
+    """Is a motion's latent signature colour-blind? Cosine between latent(moving right) - latent(still) of
+    every two sprite colours on black (1: the same change), over all channels and over channels 0-3."""
+    vae = load_wan(folder, parts=("vae",)).vae.eval()
+    colours = ("red", "orange", "yellow", "green", "blue", "purple", "white")
+
+    def latent(colour: str, motion: str) -> torch.Tensor:
+        scene = world.Scene((world.Sprite("circle", colour, "large", motion),), "black")
+        return vae.encode(world.to_pixels(world.render(scene)).transpose(0, 1)[None])[0]   # (z, F, 8, 8)
+    change = {c: latent(c, "right") - latent(c, "still") for c in colours}
+    for name, part in (("all channels", slice(None)), ("channels 0-3", slice(0, 4)), ("channels 4-15", slice(4, None))):
+        cos = [F.cosine_similarity(change[x][part].flatten(), change[y][part].flatten(), 0).item()
+               for i, x in enumerate(colours) for y in colours[i + 1:]]
+        energy = sum(float(change[c][part].pow(2).sum() / change[c].pow(2).sum()) for c in colours) / len(colours)
+        print(f"{name}: cosine min {min(cos):.2f}, mean {sum(cos) / len(cos):.2f}; share of the change {energy:.0%}")
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("--name", required=True, help="the run's folder under --root")
+    p.add_argument("--name", help="the run's folder under --root")
     p.add_argument("--root", default="runs/motion-experiments", help="runs, caches and results.jsonl")
     p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -211,6 +350,25 @@ if __name__ == "__main__":
     p.add_argument("--sil-block", type=int, default=1)
     p.add_argument("--anchor-p", type=float, default=0.0)
     p.add_argument("--world", default="default", choices=("default", "colours-on-black", "white-on-backgrounds"))
+    p.add_argument("--patch", type=int, default=2, choices=(1, 2))
+    p.add_argument("--amplitude", type=float, default=10.0)
+    p.add_argument("--batch", type=int, default=16, help="clips (and as many single frames) a step")
+    p.add_argument("--vae", default=None)
+    p.add_argument("--colours", help="comma-separated sprite colours (default: the world's)")
+    p.add_argument("--tie-vae", help="instead: write a coverage-tied VAE checkpoint folder here")
+    p.add_argument("--tie-steps", type=int, default=1200)
+    p.add_argument("--tie-lr", type=float, default=1e-4)
+    p.add_argument("--tie-weight", type=float, default=0.1)
+    p.add_argument("--tie-pool", type=int, default=400, help="rendered scenes the tie trains on")
+    p.add_argument("--breakdown", action="store_true", help="instead: score --name's weights on a balanced grid")
+    p.add_argument("--probe", metavar="FOLDER", help="instead: the latent-shift cosines of this checkpoint's VAE")
     a = p.parse_args()
-    a.out = os.path.join(a.root, a.name)
-    main(a)
+    a.out = os.path.join(a.root, a.name or "")
+    if a.tie_vae:
+        make_tied_vae(a)
+    elif a.probe:
+        probe(a.probe)
+    elif a.breakdown:
+        breakdown(a)
+    else:
+        main(a)
