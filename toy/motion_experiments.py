@@ -237,7 +237,7 @@ def sub_cell_coverage(cov: torch.Tensor) -> torch.Tensor:
 def make_tied_vae(a) -> None:
     """Fine-tune the shipped VAE: reconstruction + KL + a tie of channels 0-3 to sprite coverage."""
     from model.save import save_diffusers
-    from model.vae import CausalCache
+    from toy.pretrain_vae import reconstruct
     torch.set_num_threads(1)
     base = load_wan("toy/checkpoint")
     vae = base.vae.float().train().requires_grad_(True)
@@ -260,15 +260,8 @@ def make_tied_vae(a) -> None:
         span = slice(frame, frame + 1) if step % 2 else slice(None)
         video = clips[rows][:, :, span]
         target = torch.stack([sub_cell_coverage(c) for c in covs[rows][:, span]])      # (B, 4, F, 8, 8)
-        mean, logvar = vae.moments(video)
-        logvar = logvar.clamp(-30.0, 20.0)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
-        x, cache, frames = vae.conv2(z), CausalCache(), []
-        for i in range(x.shape[2]):                  # as toy/pretrain_vae.py:reconstruct, one latent frame at a time
-            frames.append(vae.decoder(x[:, :, i:i + 1], cache))
-            cache.next_chunk()
-        mse = (torch.cat(frames, dim=2) - video).pow(2).mean()
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        rec, kl, mean = reconstruct(vae, video, g)
+        mse = (rec - video).pow(2).mean()
         tie = (mean[:, :4] - (2 * target - 1)).pow(2).mean()
         loss = mse + 1e-4 * kl + a.tie_weight * tie
         opt.zero_grad(set_to_none=True)

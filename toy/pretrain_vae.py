@@ -92,8 +92,10 @@ def vae_batch(pool: torch.Tensor, step: int, total: int, args, generator: torch.
     return torch.stack(videos).permute(0, 2, 1, 3, 4)                            # (B, 3, T, h, w)
 
 
-def reconstruct(vae: WanVAE, video: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior sample -> decoded video WITHOUT decode's final clamp (a clamp has no gradient), and the KL."""
+def reconstruct(vae: WanVAE, video: torch.Tensor,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Posterior sample -> decoded video WITHOUT decode's final clamp (a clamp has no gradient), the KL,
+    and the posterior mean (B, z, F, h, w)."""
     mean, logvar = vae.moments(video)                     # (B, z, F, h/8, w/8) each
     logvar = logvar.clamp(-30.0, 20.0)
     z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
@@ -102,7 +104,7 @@ def reconstruct(vae: WanVAE, video: torch.Tensor, generator: torch.Generator) ->
         frames.append(vae.decoder(x[:, :, i:i + 1], cache))
         cache.next_chunk()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-    return torch.cat(frames, dim=2), kl
+    return torch.cat(frames, dim=2), kl, mean
 
 
 @torch.no_grad()
@@ -172,7 +174,7 @@ def train_vae(args, cfg: WanConfig, deadline: Deadline) -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         video = vae_batch(pool, step, args.vae_steps, args, generator)
-        rec, kl = reconstruct(vae, video, generator)
+        rec, kl, _ = reconstruct(vae, video, generator)
         mse = (rec - video).pow(2).mean()
         loss = mse + args.kl_weight * kl
         opt.zero_grad(set_to_none=True)
