@@ -12,6 +12,7 @@ Variants:
   --anchor-p P        frame-anchored clips: in a share P of clips latent frame 0 is given clean
                       (its loss masked), as Diffusion Forcing anchors a frame
   --world W           default | colours-on-black | white-on-backgrounds (the cut-down worlds)
+  --clips N           distinct clips in the cache (default 1000)
   --colours A,B,..    only these sprite colours (with --world colours-on-black: fewer colours)
   --patch 1           the DiT's patch 1x1x1 instead of 1x2x2: a token is one latent pixel (8 px)
   --amplitude PX      how far motions travel from the anchor, in pixels at 64 (the world's is 10)
@@ -133,11 +134,12 @@ def main(a):
     tokenizer = base.tokenizer
     tag = "" if a.amplitude == 10 and not a.vae else f"_a{a.amplitude:g}_{os.path.basename(a.vae or 'toy')}"
     tag += f"_{a.colours.replace(',', '-')}" if a.colours else ""
+    tag += f"_{a.clips}clips" if a.clips != 1000 else ""
     cache_path = os.path.join(a.root, f"cache_{a.world}{tag}.pt")
     if os.path.exists(cache_path):
         cache = torch.load(cache_path)
     else:
-        cache = build_cache(base.vae.eval(), 1000, 7)
+        cache = build_cache(base.vae.eval(), a.clips, 7)
         torch.save(cache, cache_path + ".tmp")
         os.replace(cache_path + ".tmp", cache_path)
     vid_ids, vid_mask = tokenizer(cache["captions"])
@@ -219,7 +221,7 @@ def main(a):
     res = {k: sum(float(r[k]) for r in rows) / len(rows) for k in ("background_ok", "colour_ok", "motion_ok")}
     res.update(name=a.name, steps=a.steps, train_min=round(train_min, 1), clip_shift=a.clip_shift,
                sil_weight=a.sil_weight, lr=a.lr, anchor_p=a.anchor_p, world=a.world,
-               patch=a.patch, amplitude=a.amplitude, batch=a.batch, vae=a.vae, colours=a.colours)
+               patch=a.patch, amplitude=a.amplitude, batch=a.batch, vae=a.vae, colours=a.colours, clips=a.clips)
     print(json.dumps(res), file=log, flush=True)
     with open(os.path.join(a.root, "results.jsonl"), "a") as f:
         f.write(json.dumps(res) + "\n")
@@ -347,6 +349,7 @@ if __name__ == "__main__":
     p.add_argument("--amplitude", type=float, default=10.0)
     p.add_argument("--batch", type=int, default=16, help="clips (and as many single frames) a step")
     p.add_argument("--vae", default=None)
+    p.add_argument("--clips", type=int, default=1000, help="distinct clips (and as many frames) to train on")
     p.add_argument("--colours", help="comma-separated sprite colours (default: the world's)")
     p.add_argument("--tie-vae", help="instead: write a coverage-tied VAE checkpoint folder here")
     p.add_argument("--tie-steps", type=int, default=1200)
