@@ -358,3 +358,23 @@ class WanDiT(nn.Module):
 
         x = self.head(x, e)                 # (B, L, pt*ph*pw*C) fp32
         return self.unpatchify(x, grid)     # (B, C, F, H, W) fp32
+
+
+# ---- model FLOPs (bench.py's throughput columns) ----
+def dit_flops(cfg: DiTConfig, batch: int, tokens: int, lora_rank: int = 0, backward: bool = False) -> float:
+    """2 x multiply-adds of one DiT step on `batch` samples of L = `tokens` video tokens."""
+    D, S, ffn, L = cfg.dim, cfg.text_len, cfg.ffn_dim, tokens
+    patch = math.prod(cfg.patch_size)
+    # Per block: self q k v o and cross q o on L tokens, cross k v on the S text rows, the FFN on L.
+    video_linear = L * (6 * D * D + 2 * D * ffn)
+    text_linear = S * 2 * D * D
+    attention = 2 * L * L * D + 2 * L * S * D          # QK^T and PV of self- and cross-attention
+    lora = lora_rank * (L * (6 * 2 * D + 2 * (D + ffn)) + S * 2 * 2 * D)  # x -> r -> out, every block linear
+    # Outside the blocks: text embedding MLP, patch embedding, head (the time MLPs are per sample: tiny).
+    outer = S * (cfg.text_dim * D + D * D) + L * D * patch * (cfg.in_dim + cfg.out_dim)
+    if backward:
+        # Frozen base: video-token linears also give input grads (x2); the text side needs no backward
+        # (context and base weights need no grad); attention gives dQ, dK, dV (x3); LoRA factors also
+        # get weight grads (x3). The outer layers' backward is left out: input and weights are frozen.
+        video_linear, attention, lora = 2 * video_linear, 3 * attention, 3 * lora
+    return 2.0 * batch * (cfg.num_layers * (video_linear + text_linear + attention + lora) + outer)
