@@ -27,10 +27,10 @@ from tqdm import tqdm
 
 from data import Concept, VideoLatents, cache_latents, cache_text, preview_prompts
 from data import prior_latents, prior_prompts, resolve_run, sequence_batches, set_batches, warn_split_tokens
-from lora.export import export_lora, export_split
+from lora.export import export_files
 from lora.lora import inject, load_adapter_file, save_adapter
 from lora.lora import set_stage, trainable_parameters
-from lora.training import learning_rate, load_state, plot_losses, rng_states, save_state
+from lora.training import learning_rate, load_state, plot_losses, resume_hint, rng_states, save_state
 from model.checkpoint import weights_fingerprint
 from model.flow import flow_matching_loss, sample_train_sigmas
 from model.loader import DTYPES, add_model_arguments, load_wan, single_files
@@ -324,10 +324,7 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str, ranks
         # mid-step: the streams as the step found them; between steps: as they are now
         save_state(state_path, len(losses), dit, optimizer,
                    at_start if len(losses) == step else rng_states(noise_gen, ranks), losses)
-        again = [a for a in sys.argv[1:] if a != "--resume"]
-        again += [] if "--run-dir" in again else ["--run-dir", run_dir]
-        raise SystemExit(f"\ninterrupted at step {len(losses)}; saved {state_path}. Continue with:\n"
-                         f"  python train.py {' '.join(again)} --resume")
+        raise SystemExit(resume_hint(state_path, len(losses), run_dir))
     finally:
         log.close()
 
@@ -340,13 +337,9 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str, ranks
     plot_losses(log_path, os.path.join(run_dir, f"{args.stage}-loss.svg"))
     save_state(state_path, steps, dit, optimizer, rng, losses)
     if args.export:
-        out = os.path.join(run_dir, f"lora-{args.export}.safetensors")
-        if args.split:   # two files; the strengths are set when they are loaded, not baked in
-            for written in export_split(dit, out, args.export):
-                tqdm.write(f"exported {written}")
-        else:
-            export_lora(dit, out, args.export, s_id=args.s_id, s_mot=args.s_mot)
-            tqdm.write(f"exported {out}")
+        for written in export_files(dit, os.path.join(run_dir, f"lora-{args.export}.safetensors"), args.export,
+                                    args.split, args.s_id, args.s_mot):
+            tqdm.write(f"exported {written}")
     head, tail = losses[:20], losses[-20:]   # means over 20 steps: single-step losses are noisy
     tqdm.write(f"wrote {adapter_path} (mean loss of the first / last 20 steps: "
                f"{sum(head) / max(len(head), 1):.4f} -> {sum(tail) / max(len(tail), 1):.4f})")

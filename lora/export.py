@@ -98,3 +98,12 @@ def export_split(model: nn.Module, path: str, fmt: str) -> tuple[str, str]:
         save_file(identity, identity_tmp, metadata={**METADATA, "part": "identity"})
         save_file(motion, motion_tmp, metadata={**METADATA, "part": "motion"})
     return identity_path, motion_path
+
+
+def export_files(model: nn.Module, path: str, fmt: str, split: bool, s_id: float, s_mot: float) -> tuple[str, ...]:
+    """What train.py --export writes: one file with the strengths baked in, or (--split) the identity and
+    motion files, whose strengths are set when they are loaded. Returns the paths written."""
+    if split:
+        return export_split(model, path, fmt)
+    export_lora(model, path, fmt, s_id=s_id, s_mot=s_mot)
+    return (path,)

@@ -7,6 +7,7 @@ log itself is train.py's JSONL file; plot_losses draws it as SVG, with no plotti
 """
 import json
 import math
+import sys
 
 import torch
 
@@ -60,6 +61,14 @@ def save_state(path: str, step: int, model, optimizer, rng: dict, losses: list[f
              "losses": losses, **rng}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+def resume_hint(state_path: str, step: int, run_dir: str) -> str:
+    """What an interrupted run says: where its state is and the command that continues it."""
+    again = [a for a in sys.argv[1:] if a != "--resume"]
+    again += [] if "--run-dir" in again else ["--run-dir", run_dir]
+    return (f"\ninterrupted at step {step}; saved {state_path}. Continue with:\n"
+            f"  python train.py {' '.join(again)} --resume")
+
 
 def load_state(path: str, model, optimizer, noise_gen: torch.Generator, ranks: Ranks) -> tuple[int, list[float]]:
     """Restore what save_state wrote (adapter, AdamW, random streams); the step to go on from and the losses."""

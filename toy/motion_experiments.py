@@ -16,6 +16,7 @@ Variants:
   --colours A,B,..    only these sprite colours (with --world colours-on-black: fewer colours)
   --patch 1           the DiT's patch 1x1x1 instead of 1x2x2: a token is one latent pixel (8 px)
   --amplitude PX      how far motions travel from the anchor, in pixels at 64 (the world's is 10)
+  --jitter PX         anchors at most PX pixels from the frame's centre, so the motion word sets the path
   --vae PATH          another toy VAE (a checkpoint folder) to encode and decode with
 Tools: `--probe FOLDER` prints how colour-blind a VAE's motion signature is (the latent-shift probe);
 `--breakdown` scores a finished run's weights per colour and per motion. A colour-blind latent to
@@ -49,7 +50,7 @@ from toy.pretrain import init_text_encoder, posterior_sample  # noqa: E402
 SOLID = ("black", "white", "gray", "blue", "green")
 
 
-WORLD = {"backgrounds": SOLID, "colours": None}
+WORLD = {"backgrounds": SOLID, "colours": None, "jitter": None}
 
 
 def small_scene(generator: torch.Generator) -> world.Scene:
@@ -65,6 +66,9 @@ def small_scene(generator: torch.Generator) -> world.Scene:
         m = 1 / 64
         lx, hx = m - (x - 0.5 - reach).min(), 1 - m - (x - 0.5 + reach).max()
         ly, hy = m - (y - 0.5 - reach).min(), 1 - m - (y - 0.5 + reach).max()
+        if WORLD["jitter"] is not None:      # anchors near the centre: the motion word sets the path
+            j = WORLD["jitter"] / 64
+            lx, hx, ly, hy = max(lx, 0.5 - j), min(hx, 0.5 + j), max(ly, 0.5 - j), min(hy, 0.5 + j)
         u, w = torch.rand(2, generator=generator).tolist()
         sprite = replace(sprite, x=float(lx + u * (hx - lx)), y=float(ly + w * (hy - ly)))
         try:
@@ -124,6 +128,7 @@ def setup(a):
         WORLD["colours"] = ("white",)
     if a.colours:
         WORLD["colours"] = tuple(a.colours.split(","))
+    WORLD["jitter"] = a.jitter
     return base, cfg
 
 
@@ -135,6 +140,7 @@ def main(a):
     tag = "" if a.amplitude == 10 and not a.vae else f"_a{a.amplitude:g}_{os.path.basename(a.vae or 'toy')}"
     tag += f"_{a.colours.replace(',', '-')}" if a.colours else ""
     tag += f"_{a.clips}clips" if a.clips != 1000 else ""
+    tag += f"_jitter{a.jitter:g}" if a.jitter is not None else ""
     cache_path = os.path.join(a.root, f"cache_{a.world}{tag}.pt")
     if os.path.exists(cache_path):
         cache = torch.load(cache_path)
@@ -221,7 +227,7 @@ def main(a):
     res = {k: sum(float(r[k]) for r in rows) / len(rows) for k in ("background_ok", "colour_ok", "motion_ok")}
     res.update(name=a.name, steps=a.steps, train_min=round(train_min, 1), clip_shift=a.clip_shift,
                sil_weight=a.sil_weight, lr=a.lr, anchor_p=a.anchor_p, world=a.world,
-               patch=a.patch, amplitude=a.amplitude, batch=a.batch, vae=a.vae, colours=a.colours, clips=a.clips)
+               patch=a.patch, amplitude=a.amplitude, batch=a.batch, vae=a.vae, colours=a.colours, clips=a.clips, jitter=a.jitter)
     print(json.dumps(res), file=log, flush=True)
     with open(os.path.join(a.root, "results.jsonl"), "a") as f:
         f.write(json.dumps(res) + "\n")
@@ -350,6 +356,8 @@ if __name__ == "__main__":
     p.add_argument("--batch", type=int, default=16, help="clips (and as many single frames) a step")
     p.add_argument("--vae", default=None)
     p.add_argument("--clips", type=int, default=1000, help="distinct clips (and as many frames) to train on")
+    p.add_argument("--jitter", type=float, default=None,
+                   help="anchors at most this many pixels (at 64) from the centre (default: anywhere the path fits)")
     p.add_argument("--colours", help="comma-separated sprite colours (default: the world's)")
     p.add_argument("--tie-vae", help="instead: write a coverage-tied VAE checkpoint folder here")
     p.add_argument("--tie-steps", type=int, default=1200)
