@@ -19,11 +19,11 @@ from tqdm import tqdm
 
 from lora.lora import apply_adapters, read_adapter_meta
 from model.files import check_writable
-from model.loader import DTYPES, add_model_arguments, load_wan, single_files, wan_model_id
+from model.loader import DTYPES, add_model_arguments, add_runtime_arguments, load_wan, single_files, wan_model_id
 from model.offload import offload_blocks
 from model.pipeline import check_size, generate_latents, latent_shape
 from model.text_encoder import encode_prompts
-from video import VIDEO_MUXERS, VideoError, check_video_size, side_by_side, write_video
+from video import VIDEO_MUXERS, VideoError, check_video_size, write_panels
 
 
 def toy_defaults(args: argparse.Namespace) -> tuple[list[str], list[str]]:
@@ -108,14 +108,7 @@ def main(args: argparse.Namespace) -> str:
     del dit
 
     vae = load_wan(args.model, parts=("vae",), device=device, dtype=dtype, **files).vae
-    with torch.no_grad():
-        videos = torch.cat([vae.decode(latents[i:i + 1].to(device, next(vae.parameters()).dtype))
-                            for i in range(len(prompts))]).float().cpu()     # (B, 3, T, H, W)
-    video = side_by_side([v.transpose(0, 1) for v in videos])                # (T, 3, H, B*W + gaps)
-
-    write_video(args.out, video, fps=cfg.fps)          # atomic: a temp file, then a rename
-    if args.gif:
-        write_video(os.path.splitext(args.out)[0] + ".gif", video, fps=cfg.fps)
+    write_panels(args.out, vae, latents, cfg.fps, gif=args.gif)   # atomic: a temp file, then a rename
     used = ", ".join(f"{m.get('stage')} adapter for {m.get('prompts')}" for m in metas) or "no adapter"
     panels = " | ".join(repr(p) for p in prompts)
     tqdm.write(f"wrote {args.out} ({frames} frames {height}x{width}; {used}; prompts, left to right: {panels})")
@@ -151,13 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # output and runtime
     p.add_argument("--out", default="out/sample.mp4", help="output video (.mp4, .mov, .mkv), written atomically")
     p.add_argument("--gif", action="store_true", help="also write a .gif next to it")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weight dtype (bf16 on GPUs)")
-    p.add_argument("--fp8", action="store_true", help="store the DiT block linears in fp8 with a scale (half of bf16)")
-    p.add_argument("--offload-blocks", type=int, default=0, help="keep the first N DiT blocks in CPU memory, "
-                   "copied in as they run (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s: it stays fast when "
-                   "other jobs share the cores, where 2 threads on a 2-core machine ran 15-150x slower)")
+    add_runtime_arguments(p)
     return p.parse_args(argv)
 
 

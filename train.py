@@ -33,13 +33,13 @@ from lora.lora import set_stage, trainable_parameters
 from lora.training import learning_rate, load_state, plot_losses, resume_hint, rng_states, save_state
 from model.checkpoint import weights_fingerprint
 from model.flow import flow_matching_loss, sample_train_sigmas
-from model.loader import DTYPES, add_model_arguments, load_wan, single_files
+from model.loader import DTYPES, add_model_arguments, add_runtime_arguments, load_wan, single_files
 from model.offload import offload_blocks
 from model.parallel import Ranks, barrier, init_ranks, reshard_all, shard_frozen_linears, share
 from model.parallel import sum_gradients, sum_values
 from model.pipeline import check_size, generate_latents
 from model.text_encoder import encode_prompts
-from video import VideoError, check_video_size, side_by_side, write_video
+from video import VideoError, check_video_size, write_panels
 
 # Steps per stage (docs/method.md: the paper's 600 and 900; stage single gets their sum, same total work).
 DEFAULT_STEPS = {"set": 600, "sequence": 900, "single": 1500}
@@ -243,13 +243,8 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str, ranks
                    for i in range(len(preview_text))]
         reshard_all(sharded)
         if ranks.main:
-            vae = preview_vae()
-            with torch.no_grad():
-                clips = [vae.decode(z.to(device, next(vae.parameters()).dtype))[0].float().cpu() for z in latents]
-            strip = side_by_side([clip.transpose(0, 1) for clip in clips])          # (T, 3, H, P*W + gaps)
-            out = os.path.join(run_dir, "previews", f"{args.stage}-step{at_step:06d}")
-            write_video(out + ".mp4", strip, fps=cfg.fps)
-            write_video(out + ".gif", strip, fps=cfg.fps)
+            out = os.path.join(run_dir, "previews", f"{args.stage}-step{at_step:06d}.mp4")
+            write_panels(out, preview_vae(), torch.cat(latents), cfg.fps, gif=True)
         dit.train()
         torch.set_rng_state(rng)
 
@@ -435,14 +430,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=100,
                    help="steps between resume checkpoints (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/<stage>-state.pt")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="base weights / autocast dtype")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing per DiT block")
-    # memory (docs/performance.md#memory)
-    p.add_argument("--fp8", action="store_true", help="store the frozen DiT block linears in fp8 (e4m3) with a "
-                   "scale, upcast per layer: half of bf16's weight memory")
-    p.add_argument("--offload-blocks", type=int, default=0, help="keep the frozen weights of the first N DiT "
-                   "blocks in CPU memory and copy each in just before it runs (default: %(default)s)")
+    # where and how the base model runs, memory (docs/performance.md#memory)
+    add_runtime_arguments(p)
     p.add_argument("--activations", choices=("fp32", "bf16", "cpu", "bf16-cpu"), default="fp32",
                    help="with --grad-ckpt: how the saved block inputs are stored (bf16 halves them, cpu moves them)")
     # several processes (torchrun --nproc-per-node N train.py ...; docs/performance.md#many-gpus)
@@ -450,8 +440,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "the processes (FSDP2), for a base model that does not fit one device")
     p.add_argument("--dist-timeout", type=float, default=600, help="seconds a process waits for the others before "
                    "the run fails with an error, e.g. when one died (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s: it stays fast when "
-                   "other jobs share the cores, where 2 threads on a 2-core machine ran 15-150x slower)")
     # export
     p.add_argument("--export", choices=("comfyui", "diffusers"), help="also write a plain LoRA file")
     p.add_argument("--split", action="store_true", help="with --export: an identity LoRA and a motion LoRA "

@@ -249,6 +249,18 @@ def write_video(path: str, frames: torch.Tensor, fps: float, lossless: bool = Fa
         container.mux(stream.encode(None))                    # flush the encoder's delayed frames
 
 
+@torch.no_grad()
+def write_panels(path: str, vae, latents: torch.Tensor, fps: float, gif: bool = False) -> None:
+    """Decode latent clips (B, C, F, H, W) one at a time (the VAE's peak memory is one clip's), lay them
+    left to right and write them to `path`, and with `gif` also to a .gif beside it."""
+    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    clips = [vae.decode(z[None].to(device, dtype))[0].transpose(0, 1) for z in latents]   # [(T, 3, H, W)]
+    strip = side_by_side(clips)                                                       # (T, 3, H, B*W + gaps)
+    write_video(path, strip, fps=fps)
+    if gif:
+        write_video(os.path.splitext(path)[0] + ".gif", strip, fps=fps)
+
+
 def side_by_side(clips: list[torch.Tensor], gap: int = 2) -> torch.Tensor:
     """Clips (T, 3, H, W_i) laid left to right with white `gap`-pixel separators: (T, 3, H, sum W_i + gaps)."""
     T, _, H, _ = clips[0].shape

@@ -386,6 +386,20 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--tokenizer", help="umT5 tokenizer folder (with spiece.model), when --model has none")
 
 
+def add_runtime_arguments(parser) -> None:
+    """--device, --dtype, --fp8, --offload-blocks, --threads: where and how the base model runs, as
+    train.py and sample.py take them (docs/performance.md#memory)."""
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                        help="base weight dtype, and train.py's autocast dtype (bf16 on GPUs)")
+    parser.add_argument("--fp8", action="store_true", help="store the DiT block linears in fp8 (e4m3) with a "
+                        "scale, upcast per layer: half of bf16's weight memory")
+    parser.add_argument("--offload-blocks", type=int, default=0, help="keep the weights of the first N DiT blocks "
+                        "in CPU memory and copy each in just before it runs (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s: it stays fast "
+                        "when other jobs share the cores, where 2 threads on a 2-core machine ran 15-150x slower)")
+
+
 def single_files(args) -> dict[str, str | None]:
     """The part files given one by one on the command line, as load_wan's overrides."""
     return {"dit": args.dit, "vae": args.vae, "text_encoder": args.text_encoder, "tokenizer": args.tokenizer}

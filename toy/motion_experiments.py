@@ -11,15 +11,18 @@ Variants:
                       coverage per latent pixel and latent frame (colour-blind); loss W * MSE
   --anchor-p P        frame-anchored clips: in a share P of clips latent frame 0 is given clean
                       (its loss masked), as Diffusion Forcing anchors a frame
-  --world W           default | colours-on-black | white-on-backgrounds (the cut-down worlds)
+  --world W           default | colours-on-black | white-on-backgrounds (the cut-down worlds) | full
+                      (the whole held-in world of toy/world.py: shapes, patterns, two sprites)
   --clips N           distinct clips in the cache (default 1000)
   --colours A,B,..    only these sprite colours (with --world colours-on-black: fewer colours)
+  --backgrounds A,..  only these solid backgrounds
   --patch 1           the DiT's patch 1x1x1 instead of 1x2x2: a token is one latent pixel (8 px)
   --amplitude PX      how far motions travel from the anchor, in pixels at 64 (the world's is 10)
   --jitter PX         anchors at most PX pixels from the frame's centre, so the motion word sets the path
   --vae PATH          another toy VAE (a checkpoint folder) to encode and decode with
 Tools: `--probe FOLDER` prints how colour-blind a VAE's motion signature is (the latent-shift probe);
-`--breakdown` scores a finished run's weights per colour and per motion. A colour-blind latent to
+`--breakdown` scores a finished run's weights per colour and per motion; `--drift` shows where its DiT
+puts the sprite at high noise (first and last frame), per motion word. A colour-blind latent to
 try with --vae: `--tie-vae FOLDER` fine-tunes the shipped toy VAE so that
 its first 4 latent channels are the sprites' coverage (2x2 sub-cells of each latent pixel, the sprite
 rendered white on black: the same for every colour), saves a checkpoint folder and exits.
@@ -50,10 +53,12 @@ from toy.pretrain import init_text_encoder, posterior_sample  # noqa: E402
 SOLID = ("black", "white", "gray", "blue", "green")
 
 
-WORLD = {"backgrounds": SOLID, "colours": None, "jitter": None}
+WORLD = {"backgrounds": SOLID, "colours": None, "jitter": None, "full": False}
 
 
 def small_scene(generator: torch.Generator) -> world.Scene:
+    if WORLD["full"]:                        # the whole held-in world (shapes, patterns, two sprites)
+        return world.random_scene(generator, "train")
     while True:
         background = world._pick(WORLD["backgrounds"], generator)
         colours = [c for c in (WORLD["colours"] or world.vocabulary("colour"))
@@ -128,7 +133,10 @@ def setup(a):
         WORLD["colours"] = ("white",)
     if a.colours:
         WORLD["colours"] = tuple(a.colours.split(","))
+    if a.backgrounds:
+        WORLD["backgrounds"] = tuple(a.backgrounds.split(","))
     WORLD["jitter"] = a.jitter
+    WORLD["full"] = a.world == "full"
     return base, cfg
 
 
@@ -139,6 +147,7 @@ def main(a):
     tokenizer = base.tokenizer
     tag = "" if a.amplitude == 10 and not a.vae else f"_a{a.amplitude:g}_{os.path.basename(a.vae or 'toy')}"
     tag += f"_{a.colours.replace(',', '-')}" if a.colours else ""
+    tag += f"_on-{a.backgrounds.replace(',', '-')}" if a.backgrounds else ""
     tag += f"_{a.clips}clips" if a.clips != 1000 else ""
     tag += f"_jitter{a.jitter:g}" if a.jitter is not None else ""
     cache_path = os.path.join(a.root, f"cache_{a.world}{tag}.pt")
@@ -227,7 +236,7 @@ def main(a):
     res = {k: sum(float(r[k]) for r in rows) / len(rows) for k in ("background_ok", "colour_ok", "motion_ok")}
     res.update(name=a.name, steps=a.steps, train_min=round(train_min, 1), clip_shift=a.clip_shift,
                sil_weight=a.sil_weight, lr=a.lr, anchor_p=a.anchor_p, world=a.world,
-               patch=a.patch, amplitude=a.amplitude, batch=a.batch, vae=a.vae, colours=a.colours, clips=a.clips, jitter=a.jitter)
+               patch=a.patch, amplitude=a.amplitude, batch=a.batch, vae=a.vae, colours=a.colours, backgrounds=a.backgrounds, clips=a.clips, jitter=a.jitter)
     print(json.dumps(res), file=log, flush=True)
     with open(os.path.join(a.root, "results.jsonl"), "a") as f:
         f.write(json.dumps(res) + "\n")
@@ -242,6 +251,35 @@ def sub_cell_coverage(cov: torch.Tensor) -> torch.Tensor:
     return torch.stack([cells[:, i::2, j::2] for i in (0, 1) for j in (0, 1)])  # (4, F, 8, 8)
 
 
+def latent_frames(x: torch.Tensor) -> torch.Tensor:
+    """(T=4k+1, ...) -> (1+k, ...): frame 0 alone, then the mean of each group of 4 (the VAE's causal strides)."""
+    return torch.cat([x[:1], x[1:].unflatten(0, (-1, 4)).mean(1)])
+
+
+def factor_targets(scene: world.Scene, cov: torch.Tensor, span: slice = slice(None)) -> torch.Tensor:
+    """(13, F, 8, 8) in [-1, 1]: what the factorized tie pins channels 0-12 to. 0-3: the sprites' coverage in
+    the 2x2 sub-cells of each latent pixel (colour-blind, `cov` (T, 64, 64)); 4-6: the background's colour
+    there; 7-9 and 10-12: the colour and second colour of the nearest sprite (one sprite: the same
+    everywhere). Where a sprite is and what colour it is then live in different channels. `span`: the
+    clip's frames that were encoded (all, or one)."""
+    cov = cov[span]
+    cells = sub_cell_coverage(cov) * 2 - 1                                               # (4, F, 8, 8)
+    F_ = cells.shape[1]
+    bg = F.avg_pool2d(world.render_background(scene.background).permute(2, 0, 1)[None], 8)[0] * 2 - 1  # (3, 8, 8)
+    t = (torch.arange(world.NUM_FRAMES, dtype=torch.float64) / (world.NUM_FRAMES - 1))[span]
+    grid = (torch.arange(8, dtype=torch.float64) + 0.5) / 8
+    dist, looks = [], []
+    for sprite in scene.sprites:
+        dx, dy, _ = world.motion_path(sprite.motion, t)
+        cx, cy = latent_frames(sprite.x + dx), latent_frames(sprite.y + dy)              # (F,)
+        dist.append((grid[None, None, :] - cx[:, None, None]) ** 2 + (grid[None, :, None] - cy[:, None, None]) ** 2)
+        look = [world._rgb(sprite.colour), world._rgb(sprite.colour2 or sprite.colour)]
+        looks.append(torch.cat(look) * 2 - 1)                                            # (6,)
+    nearest = torch.stack(dist).argmin(0)                                                # (F, 8, 8)
+    colour = torch.stack(looks)[nearest].permute(3, 0, 1, 2).float()                     # (6, F, 8, 8)
+    return torch.cat([cells, bg[:, None].expand(3, F_, 8, 8), colour])
+
+
 def make_tied_vae(a) -> None:
     """Fine-tune the shipped VAE: reconstruction + KL + a tie of channels 0-3 to sprite coverage."""
     from model.save import save_diffusers
@@ -250,9 +288,10 @@ def make_tied_vae(a) -> None:
     base = load_wan("toy/checkpoint")
     vae = base.vae.float().train().requires_grad_(True)
     g = torch.Generator().manual_seed(11)
-    clips, covs = [], []
+    clips, covs, scenes = [], [], []
     for _ in range(a.tie_pool):                   # the whole world (held-out looks too), as the VAE's pool
         scene = world.random_scene(g, "all")
+        scenes.append(scene)
         ghosts = [world.Scene((replace(s, colour="white", pattern="plain", colour2=None),), "black")
                   for s in scene.sprites]                                         # one at a time: same colour
         clips.append(world.to_pixels(world.render(scene)))                           # (T, 3, H, W)
@@ -267,10 +306,13 @@ def make_tied_vae(a) -> None:
         frame = int(torch.randint(world.NUM_FRAMES, (1,), generator=g))
         span = slice(frame, frame + 1) if step % 2 else slice(None)
         video = clips[rows][:, :, span]
-        target = torch.stack([sub_cell_coverage(c) for c in covs[rows][:, span]])      # (B, 4, F, 8, 8)
+        if a.tie_kind == "factors":
+            target = torch.stack([factor_targets(scenes[r], covs[r], span) for r in rows.tolist()])  # (B, 13, F, 8, 8)
+        else:
+            target = torch.stack([sub_cell_coverage(c) for c in covs[rows][:, span]]) * 2 - 1       # (B, 4, F, 8, 8)
         rec, kl, mean = reconstruct(vae, video, g)
         mse = (rec - video).pow(2).mean()
-        tie = (mean[:, :4] - (2 * target - 1)).pow(2).mean()
+        tie = (mean[:, :target.shape[1]] - target).pow(2).mean()
         loss = mse + 1e-4 * kl + a.tie_weight * tie
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -323,6 +365,35 @@ def breakdown(a) -> None:
 
 
 @torch.no_grad()
+def drift(a) -> None:
+    """Does a run's DiT lay out the motion at high noise? Its clean-clip estimate from pure noise at sigma
+    0.98, 0.9 and 0.8 (16 noises, a large white circle on black), decoded: the sprite's mean position (the
+    centroid of the change from the background) in the first and last frame, per motion word."""
+    from model.text_encoder import encode_prompts
+    base, cfg = setup(a)
+    state = torch.load(os.path.join(a.out, "weights.pt"))
+    dit, enc = WanDiT(cfg.dit), UMT5Encoder(cfg.t5)
+    dit.load_state_dict(state["dit"])
+    enc.load_state_dict(state["t5"])
+    dit.eval(), enc.eval()
+    g = torch.Generator().manual_seed(3)
+    background = world.render_background("black").permute(2, 0, 1) * 2 - 1                  # (3, H, W)
+    pixels = torch.arange(64.0)
+    for motion in ("right", "left", "down", "still"):
+        text = world.caption(world.Scene((world.Sprite("circle", "white", "large", motion),), "black"))
+        context = encode_prompts(base.tokenizer, enc, [text], "cpu").expand(16, -1, -1)
+        noise = torch.randn(16, cfg.vae.z_dim, 5, 8, 8, generator=g)
+        found = []
+        for sigma in (0.98, 0.9, 0.8):
+            x0 = noise - sigma * dit(noise, torch.full((16,), sigma * 1000), context)
+            change = (base.vae.decode(x0).float() - background[None, :, None]).abs().sum(1)    # (16, T, H, W)
+            w = change / change.sum((-1, -2), keepdim=True)
+            x, y = (w * pixels).sum((-1, -2)).mean(0), (w * pixels[:, None]).sum((-1, -2)).mean(0)  # (T,)
+            found.append(f"sigma {sigma}: x {x[0]:.1f} -> {x[-1]:.1f}, y {y[0]:.1f} -> {y[-1]:.1f}")
+        print(f"{motion:>5}: " + " | ".join(found), flush=True)
+
+
+@torch.no_grad()
 def probe(folder: str) -> None:
     """Is a motion's latent signature colour-blind? Cosine between latent(moving right) - latent(still) of
     every two sprite colours on black (1: the same change), over all channels and over channels 0-3."""
@@ -350,7 +421,7 @@ if __name__ == "__main__":
     p.add_argument("--sil-weight", type=float, default=0.0)
     p.add_argument("--sil-block", type=int, default=1)
     p.add_argument("--anchor-p", type=float, default=0.0)
-    p.add_argument("--world", default="default", choices=("default", "colours-on-black", "white-on-backgrounds"))
+    p.add_argument("--world", default="default", choices=("default", "colours-on-black", "white-on-backgrounds", "full"))
     p.add_argument("--patch", type=int, default=2, choices=(1, 2))
     p.add_argument("--amplitude", type=float, default=10.0)
     p.add_argument("--batch", type=int, default=16, help="clips (and as many single frames) a step")
@@ -359,12 +430,18 @@ if __name__ == "__main__":
     p.add_argument("--jitter", type=float, default=None,
                    help="anchors at most this many pixels (at 64) from the centre (default: anywhere the path fits)")
     p.add_argument("--colours", help="comma-separated sprite colours (default: the world's)")
+    p.add_argument("--backgrounds", help="comma-separated solid backgrounds (default: the world's)")
     p.add_argument("--tie-vae", help="instead: write a coverage-tied VAE checkpoint folder here")
     p.add_argument("--tie-steps", type=int, default=1200)
     p.add_argument("--tie-lr", type=float, default=1e-4)
     p.add_argument("--tie-weight", type=float, default=0.1)
+    p.add_argument("--tie-kind", default="coverage", choices=("coverage", "factors"),
+                   help="coverage: channels 0-3 tied to the sprites' coverage; factors: also 4-12 to the "
+                        "background's colour and the nearest sprite's colours")
     p.add_argument("--tie-pool", type=int, default=400, help="rendered scenes the tie trains on")
     p.add_argument("--breakdown", action="store_true", help="instead: score --name's weights on a balanced grid")
+    p.add_argument("--drift", action="store_true",
+                   help="instead: where --name's DiT puts the sprite at high noise, first and last frame")
     p.add_argument("--probe", metavar="FOLDER", help="instead: the latent-shift cosines of this checkpoint's VAE")
     a = p.parse_args()
     a.out = os.path.join(a.root, a.name or "")
@@ -374,5 +451,7 @@ if __name__ == "__main__":
         probe(a.probe)
     elif a.breakdown:
         breakdown(a)
+    elif a.drift:
+        drift(a)
     else:
         main(a)
