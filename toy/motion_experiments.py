@@ -313,6 +313,9 @@ def make_tied_vae(a) -> None:
         rec, kl, mean = reconstruct(vae, video, g)
         mse = (rec - video).pow(2).mean()
         tie = (mean[:, :target.shape[1]] - target).pow(2).mean()
+        if a.tie_kind == "flat":   # the other channels pushed toward their mean over the frame: no position in them
+            rest = mean[:, target.shape[1]:]
+            tie = tie + (rest - rest.mean((-1, -2), keepdim=True)).pow(2).mean()
         loss = mse + 1e-4 * kl + a.tie_weight * tie
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -435,9 +438,10 @@ if __name__ == "__main__":
     p.add_argument("--tie-steps", type=int, default=1200)
     p.add_argument("--tie-lr", type=float, default=1e-4)
     p.add_argument("--tie-weight", type=float, default=0.1)
-    p.add_argument("--tie-kind", default="coverage", choices=("coverage", "factors"),
+    p.add_argument("--tie-kind", default="coverage", choices=("coverage", "factors", "flat"),
                    help="coverage: channels 0-3 tied to the sprites' coverage; factors: also 4-12 to the "
-                        "background's colour and the nearest sprite's colours")
+                        "background's colour and the nearest sprite's colours; flat: coverage, and channels "
+                        "4-15 pushed toward their mean over the frame")
     p.add_argument("--tie-pool", type=int, default=400, help="rendered scenes the tie trains on")
     p.add_argument("--breakdown", action="store_true", help="instead: score --name's weights on a balanced grid")
     p.add_argument("--drift", action="store_true",
