@@ -20,12 +20,10 @@ Variants:
   --amplitude PX      how far motions travel from the anchor, in pixels at 64 (the world's is 10)
   --jitter PX         anchors at most PX pixels from the frame's centre, so the motion word sets the path
   --vae PATH          another toy VAE (a checkpoint folder) to encode and decode with
-Tools: `--probe FOLDER` prints how colour-blind a VAE's motion signature is (the latent-shift probe);
-`--breakdown` scores a finished run's weights per colour and per motion; `--drift` shows where its DiT
-puts the sprite at high noise (first and last frame), per motion word. A colour-blind latent to
-try with --vae: `--tie-vae FOLDER` fine-tunes the shipped toy VAE so that
-its first 4 latent channels are the sprites' coverage (2x2 sub-cells of each latent pixel, the sprite
-rendered white on black: the same for every colour), saves a checkpoint folder and exits.
+Tools: `--breakdown` scores a finished run's weights per colour and per motion; `--drift` shows where
+its DiT puts the sprite at high noise (first and last frame), per motion word. Other VAEs to try with
+--vae, and the latent-shift probe that measures how colour-blind a VAE's motion signature is, come
+from toy/latent_tie.py.
 Run from the project folder: python -m toy.motion_experiments --name NAME [...]; each run appends a
 line to <--root>/results.jsonl. The issue 17 table of docs/toy-model.md came from these runs (one
 thread each, two side by side on the 2-core machine, 32-70 minutes a run).
@@ -243,97 +241,6 @@ def main(a):
     torch.save({"dit": dit.state_dict(), "t5": enc.state_dict()}, os.path.join(a.out, "weights.pt"))
 
 
-def sub_cell_coverage(cov: torch.Tensor) -> torch.Tensor:
-    """(T=4k+1, 64, 64) -> (4, 1+k, 8, 8): per latent pixel, the coverage of its 2x2 sub-cells (4x4 px)."""
-    first, rest = cov[:1], cov[1:]
-    rest = rest.view(-1, 4, 64, 64).mean(1) if len(rest) else rest[:0]
-    cells = F.avg_pool2d(torch.cat([first, rest])[:, None], 4)[:, 0]            # (F, 16, 16)
-    return torch.stack([cells[:, i::2, j::2] for i in (0, 1) for j in (0, 1)])  # (4, F, 8, 8)
-
-
-def latent_frames(x: torch.Tensor) -> torch.Tensor:
-    """(T=4k+1, ...) -> (1+k, ...): frame 0 alone, then the mean of each group of 4 (the VAE's causal strides)."""
-    return torch.cat([x[:1], x[1:].unflatten(0, (-1, 4)).mean(1)])
-
-
-def factor_targets(scene: world.Scene, cov: torch.Tensor, span: slice = slice(None)) -> torch.Tensor:
-    """(13, F, 8, 8) in [-1, 1]: what the factorized tie pins channels 0-12 to. 0-3: the sprites' coverage in
-    the 2x2 sub-cells of each latent pixel (colour-blind, `cov` (T, 64, 64)); 4-6: the background's colour
-    there; 7-9 and 10-12: the colour and second colour of the nearest sprite (one sprite: the same
-    everywhere). Where a sprite is and what colour it is then live in different channels. `span`: the
-    clip's frames that were encoded (all, or one)."""
-    cov = cov[span]
-    cells = sub_cell_coverage(cov) * 2 - 1                                               # (4, F, 8, 8)
-    F_ = cells.shape[1]
-    bg = F.avg_pool2d(world.render_background(scene.background).permute(2, 0, 1)[None], 8)[0] * 2 - 1  # (3, 8, 8)
-    t = (torch.arange(world.NUM_FRAMES, dtype=torch.float64) / (world.NUM_FRAMES - 1))[span]
-    grid = (torch.arange(8, dtype=torch.float64) + 0.5) / 8
-    dist, looks = [], []
-    for sprite in scene.sprites:
-        dx, dy, _ = world.motion_path(sprite.motion, t)
-        cx, cy = latent_frames(sprite.x + dx), latent_frames(sprite.y + dy)              # (F,)
-        dist.append((grid[None, None, :] - cx[:, None, None]) ** 2 + (grid[None, :, None] - cy[:, None, None]) ** 2)
-        look = [world._rgb(sprite.colour), world._rgb(sprite.colour2 or sprite.colour)]
-        looks.append(torch.cat(look) * 2 - 1)                                            # (6,)
-    nearest = torch.stack(dist).argmin(0)                                                # (F, 8, 8)
-    colour = torch.stack(looks)[nearest].permute(3, 0, 1, 2).float()                     # (6, F, 8, 8)
-    return torch.cat([cells, bg[:, None].expand(3, F_, 8, 8), colour])
-
-
-def make_tied_vae(a) -> None:
-    """Fine-tune the shipped VAE: reconstruction + KL + a tie of channels 0-3 to sprite coverage."""
-    from model.save import save_diffusers
-    from toy.pretrain_vae import reconstruct
-    torch.set_num_threads(1)
-    base = load_wan("toy/checkpoint")
-    vae = base.vae.float().train().requires_grad_(True)
-    g = torch.Generator().manual_seed(11)
-    clips, covs, scenes = [], [], []
-    for _ in range(a.tie_pool):                   # the whole world (held-out looks too), as the VAE's pool
-        scene = world.random_scene(g, "all")
-        scenes.append(scene)
-        ghosts = [world.Scene((replace(s, colour="white", pattern="plain", colour2=None),), "black")
-                  for s in scene.sprites]                                         # one at a time: same colour
-        clips.append(world.to_pixels(world.render(scene)))                           # (T, 3, H, W)
-        covs.append(torch.stack([((world.render(ghost).float().mean(-1) - 20) / 225).clamp(0, 1)
-                                 for ghost in ghosts]).amax(0))                      # (T, H, W)
-    clips, covs = torch.stack(clips).transpose(1, 2), torch.stack(covs)            # (N, 3, T, H, W), (N, T, H, W)
-    opt = torch.optim.AdamW(vae.parameters(), lr=a.tie_lr, betas=(0.9, 0.99), weight_decay=0.0)
-    t0 = time.time()
-    for step in range(a.tie_steps):
-        # odd steps: 8 single frames (the image path); even steps: 2 whole clips (the temporal path)
-        rows = torch.randint(len(clips), (8 if step % 2 else 2,), generator=g)
-        frame = int(torch.randint(world.NUM_FRAMES, (1,), generator=g))
-        span = slice(frame, frame + 1) if step % 2 else slice(None)
-        video = clips[rows][:, :, span]
-        if a.tie_kind == "factors":
-            target = torch.stack([factor_targets(scenes[r], covs[r], span) for r in rows.tolist()])  # (B, 13, F, 8, 8)
-        else:
-            target = torch.stack([sub_cell_coverage(c) for c in covs[rows][:, span]]) * 2 - 1       # (B, 4, F, 8, 8)
-        rec, kl, mean = reconstruct(vae, video, g)
-        mse = (rec - video).pow(2).mean()
-        tie = (mean[:, :target.shape[1]] - target).pow(2).mean()
-        if a.tie_kind == "flat":   # the other channels pushed toward their mean over the frame: no position in them
-            rest = mean[:, target.shape[1]:]
-            tie = tie + (rest - rest.mean((-1, -2), keepdim=True)).pow(2).mean()
-        loss = mse + 1e-4 * kl + a.tie_weight * tie
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        if (step + 1) % 50 == 0:
-            print(f"tie step {step + 1} {time.time() - t0:.0f}s mse {mse.item():.5f} tie {tie.item():.4f}", flush=True)
-    vae.eval().requires_grad_(False)
-    with torch.no_grad():                        # the new latent statistics, as toy/pretrain.py measures them
-        means = torch.cat([vae.moments(clips[i:i + 8])[0] for i in range(0, min(len(clips), 256), 8)])
-        means = means.transpose(0, 1).flatten(1)
-    stats = dict(latents_mean=tuple(round(v, 4) for v in means.mean(1).tolist()),
-                 latents_std=tuple(round(v, 4) for v in means.std(1).tolist()))
-    cfg = replace(base.cfg, vae=replace(base.cfg.vae, **stats))
-    vae.cfg = cfg.vae                            # the VAE normalizes with the statistics of its config
-    save_diffusers(a.tie_vae, replace(base, cfg=cfg, vae=vae), dtype=torch.float32)
-    print("wrote", a.tie_vae, stats, flush=True)
-
 @torch.no_grad()
 def breakdown(a) -> None:
     """A run's weights.pt on a balanced grid (every colour x motion, centred, first background): motion
@@ -396,23 +303,6 @@ def drift(a) -> None:
         print(f"{motion:>5}: " + " | ".join(found), flush=True)
 
 
-@torch.no_grad()
-def probe(folder: str) -> None:
-    """Is a motion's latent signature colour-blind? Cosine between latent(moving right) - latent(still) of
-    every two sprite colours on black (1: the same change), over all channels and over channels 0-3."""
-    vae = load_wan(folder, parts=("vae",)).vae.eval()
-    colours = ("red", "orange", "yellow", "green", "blue", "purple", "white")
-
-    def latent(colour: str, motion: str) -> torch.Tensor:
-        scene = world.Scene((world.Sprite("circle", colour, "large", motion),), "black")
-        return vae.encode(world.to_pixels(world.render(scene)).transpose(0, 1)[None])[0]   # (z, F, 8, 8)
-    change = {c: latent(c, "right") - latent(c, "still") for c in colours}
-    for name, part in (("all channels", slice(None)), ("channels 0-3", slice(0, 4)), ("channels 4-15", slice(4, None))):
-        cos = [F.cosine_similarity(change[x][part].flatten(), change[y][part].flatten(), 0).item()
-               for i, x in enumerate(colours) for y in colours[i + 1:]]
-        energy = sum(float(change[c][part].pow(2).sum() / change[c].pow(2).sum()) for c in colours) / len(colours)
-        print(f"{name}: cosine min {min(cos):.2f}, mean {sum(cos) / len(cos):.2f}; share of the change {energy:.0%}")
-
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--name", help="the run's folder under --root")
@@ -434,26 +324,12 @@ if __name__ == "__main__":
                    help="anchors at most this many pixels (at 64) from the centre (default: anywhere the path fits)")
     p.add_argument("--colours", help="comma-separated sprite colours (default: the world's)")
     p.add_argument("--backgrounds", help="comma-separated solid backgrounds (default: the world's)")
-    p.add_argument("--tie-vae", help="instead: write a coverage-tied VAE checkpoint folder here")
-    p.add_argument("--tie-steps", type=int, default=1200)
-    p.add_argument("--tie-lr", type=float, default=1e-4)
-    p.add_argument("--tie-weight", type=float, default=0.1)
-    p.add_argument("--tie-kind", default="coverage", choices=("coverage", "factors", "flat"),
-                   help="coverage: channels 0-3 tied to the sprites' coverage; factors: also 4-12 to the "
-                        "background's colour and the nearest sprite's colours; flat: coverage, and channels "
-                        "4-15 pushed toward their mean over the frame")
-    p.add_argument("--tie-pool", type=int, default=400, help="rendered scenes the tie trains on")
     p.add_argument("--breakdown", action="store_true", help="instead: score --name's weights on a balanced grid")
     p.add_argument("--drift", action="store_true",
                    help="instead: where --name's DiT puts the sprite at high noise, first and last frame")
-    p.add_argument("--probe", metavar="FOLDER", help="instead: the latent-shift cosines of this checkpoint's VAE")
     a = p.parse_args()
     a.out = os.path.join(a.root, a.name or "")
-    if a.tie_vae:
-        make_tied_vae(a)
-    elif a.probe:
-        probe(a.probe)
-    elif a.breakdown:
+    if a.breakdown:
         breakdown(a)
     elif a.drift:
         drift(a)
