@@ -175,7 +175,8 @@ def main(a):
     def batch(moments, ids, mask, cov):
         rows = torch.randint(len(moments), (B,), generator=g)
         drop = torch.rand(B, generator=g) < 0.1
-        return (posterior_sample(moments[rows], stats, g), torch.where(drop[:, None], empty_ids, ids[rows]),
+        x0 = posterior_sample(moments[rows], stats, None if a.mean_latents else g)
+        return (x0, torch.where(drop[:, None], empty_ids, ids[rows]),
                 torch.where(drop[:, None], empty_mask, mask[rows]), cov[rows])
 
     def step_loss(x0, ctx, cov, shift):
@@ -234,7 +235,8 @@ def main(a):
     res = {k: sum(float(r[k]) for r in rows) / len(rows) for k in ("background_ok", "colour_ok", "motion_ok")}
     res.update(name=a.name, steps=a.steps, train_min=round(train_min, 1), clip_shift=a.clip_shift,
                sil_weight=a.sil_weight, lr=a.lr, anchor_p=a.anchor_p, world=a.world,
-               patch=a.patch, amplitude=a.amplitude, batch=a.batch, vae=a.vae, colours=a.colours, backgrounds=a.backgrounds, clips=a.clips, jitter=a.jitter)
+               patch=a.patch, amplitude=a.amplitude, batch=a.batch, vae=a.vae, colours=a.colours, backgrounds=a.backgrounds, clips=a.clips, jitter=a.jitter,
+               mean_latents=a.mean_latents)
     print(json.dumps(res), file=log, flush=True)
     with open(os.path.join(a.root, "results.jsonl"), "a") as f:
         f.write(json.dumps(res) + "\n")
@@ -324,6 +326,8 @@ if __name__ == "__main__":
                    help="anchors at most this many pixels (at 64) from the centre (default: anywhere the path fits)")
     p.add_argument("--colours", help="comma-separated sprite colours (default: the world's)")
     p.add_argument("--backgrounds", help="comma-separated solid backgrounds (default: the world's)")
+    p.add_argument("--mean-latents", action="store_true",
+                   help="train on the posterior means, not samples (for a VAE whose channels are near-constant)")
     p.add_argument("--breakdown", action="store_true", help="instead: score --name's weights on a balanced grid")
     p.add_argument("--drift", action="store_true",
                    help="instead: where --name's DiT puts the sprite at high noise, first and last frame")
