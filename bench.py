@@ -48,7 +48,7 @@ from lora.lora import inject, lora_modules, set_stage, trainable_parameters
 from lora.memory import HEADROOM, PLAN_FRAMES, PLAN_PRESETS, RANK, LiveTensorBytes, format_plan, plan_rows
 from model.config import PRESETS
 from model.dit import WanDiT, dit_flops
-from model.files import write_section
+from model.files import atomic_path, write_section
 from model.flow import add_noise, flow_matching_loss, sample_train_sigmas, unipc_sigmas, velocity_target
 from model.keymaps import DIT_KEYS
 from model.loader import WanModels, load_wan
@@ -408,7 +408,7 @@ def main(args: argparse.Namespace) -> tuple[list[dict], str]:
              f"torch {torch.__version__}, median of {args.reps} reps; times in seconds\n\n" + format_table(rows, args))
     print("\n" + table)
     if args.out:
-        with open(args.out, "w") as f:
+        with atomic_path(args.out) as tmp, open(tmp, "w") as f:
             f.write(table + "\n")
     return rows, table
 

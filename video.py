@@ -254,7 +254,7 @@ def write_panels(path: str, vae, latents: torch.Tensor, fps: float, gif: bool = 
     """Decode latent clips (B, C, F, H, W) one at a time (the VAE's peak memory is one clip's), lay them
     left to right and write them to `path`, and with `gif` also to a .gif beside it."""
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
-    clips = [vae.decode(z[None].to(device, dtype))[0].transpose(0, 1) for z in latents]   # [(T, 3, H, W)]
+    clips = [vae.decode(z[None].to(device, dtype))[0].float().cpu().transpose(0, 1) for z in latents]  # [(T, 3, H, W)]
     strip = side_by_side(clips)                                                       # (T, 3, H, B*W + gaps)
     write_video(path, strip, fps=fps)
     if gif:

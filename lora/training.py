@@ -62,6 +62,7 @@ def save_state(path: str, step: int, model, optimizer, rng: dict, losses: list[f
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
+
 def resume_hint(state_path: str, step: int, run_dir: str) -> str:
     """What an interrupted run says: where its state is and the command that continues it."""
     again = [a for a in sys.argv[1:] if a != "--resume"]
