@@ -45,18 +45,17 @@ import torch
 import torch.nn.functional as F
 
 from lora.lora import inject, lora_modules, set_stage, trainable_parameters
-from lora.memory import HEADROOM, PLAN_FRAMES, PLAN_PRESETS, RANK, LiveTensorBytes, format_plan, plan_rows
+from lora.memory import HEADROOM, PLAN_FRAMES, PLAN_PRESETS, RANK, format_plan, peak_memory, plan_rows
 from model.config import PRESETS
 from model.dit import WanDiT, dit_flops
 from model.files import atomic_path, write_section
 from model.flow import add_noise, flow_matching_loss, sample_train_sigmas, unipc_sigmas, velocity_target
 from model.keymaps import DIT_KEYS
-from model.loader import WanModels, load_wan
+from model.loader import DTYPES, WanModels, load_wan
+from model.pipeline import generate_latents
 from model.save import save_diffusers
 from model.text_encoder import Tokenizer, UMT5Encoder, encode_prompts
 from model.vae import WanVAE
-from model.loader import DTYPES
-from model.pipeline import generate_latents
 
 PROMPT = "a red fox runs along a snowy river bank at dawn"
 TRAIN_LR, TRAIN_CLIP = 1e-4, 0.05   # train.py's --lr and --clip defaults
@@ -77,20 +76,6 @@ def check_reference_libraries() -> None:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":   # CUDA work is asynchronous: wait for it before reading a clock or counter
         torch.cuda.synchronize()
-
-
-def peak_memory(fn, device: torch.device) -> int:
-    """Bytes a call of fn needs on top of what is allocated before it."""
-    if device.type != "cuda":
-        with LiveTensorBytes() as tracker:
-            fn()
-        return tracker.peak
-    sync(device)
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    sync(device)
-    return torch.cuda.max_memory_allocated() - base
 
 
 def measure(fns: dict, args, device: torch.device, compare: bool = True) -> dict:
@@ -240,20 +225,20 @@ def run_config(name: str, frames: int, height: int, width: int, args, device, dt
     # 3. Sampling: text encoding, N UniPC steps with CFG (2 DiT passes each), decoding; same noise.
     steps, guidance, shift = args.steps, cfg.guidance_scale, cfg.sample_shift
     texts = torch.randn(2, S, text_dim, generator=gen).to(device, dtype) if args.skip_text else None
+    initial = torch.randn(1, *latent, generator=torch.Generator().manual_seed(args.seed + 1))  # noise (1, C, F, H, W)
 
     def ours_sample():
         states = texts if texts is not None else encode_prompts(ours.tokenizer, ours.text_encoder,
                                                                 [PROMPT, cfg.negative_prompt], device)
-        latents = generate_latents(dit, states[:1], states[1:], (1, *latent), "unipc", steps, shift, guidance,
-                                   torch.Generator().manual_seed(args.seed + 1), progress=False)
+        latents = generate_latents(dit, states[:1], states[1:], initial, "unipc", steps, shift, guidance,
+                                   progress=False)
         return ours.vae.decode(latents.to(device, dtype))                       # (1, 3, T, H, W) in [-1, 1]
 
     def ref_sample():
-        noise = torch.randn(1, *latent, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
         text = ({"prompt": PROMPT, "negative_prompt": cfg.negative_prompt} if texts is None else
                 {"prompt_embeds": texts[:1], "negative_prompt_embeds": texts[1:]})
         video = pipe(**text, height=height, width=width, num_frames=frames, num_inference_steps=steps,
-                     guidance_scale=guidance, latents=noise, max_sequence_length=cfg.t5.text_len,
+                     guidance_scale=guidance, latents=initial.to(device), max_sequence_length=cfg.t5.text_len,
                      output_type="pt").frames                                   # (1, T, 3, H, W) in [0, 1]
         return video.transpose(1, 2) * 2 - 1
     what = "DiT+VAE, given text states" if args.skip_text else "text+DiT+VAE"

@@ -251,9 +251,9 @@ def prior_latents(args, dit, cfg, states: torch.Tensor, negative: torch.Tensor, 
 
     def generate() -> torch.Tensor:
         generator = torch.Generator().manual_seed(args.seed)
-        return torch.cat([generate_latents(dit, states[i:i + 1].to(device), negative, (1, *shape), "unipc",
-                                           cfg.sample_steps, cfg.sample_shift, cfg.guidance_scale, generator,
-                                           progress=False)
+        return torch.cat([generate_latents(dit, states[i:i + 1].to(device), negative,
+                                           torch.randn((1, *shape), generator=generator), "unipc",
+                                           cfg.sample_steps, cfg.sample_shift, cfg.guidance_scale, progress=False)
                           for i in tqdm(range(len(states)), desc="prior samples (once)")])
     return cache_tensor(path, {**fingerprint, "shape": str(shape), "steps": str(cfg.sample_steps),
                                "seed": str(args.seed)}, generate)          # (P, C, F, H, W)

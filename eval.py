@@ -46,14 +46,14 @@ import torch
 from tqdm import tqdm
 
 from lora.lora import apply_adapters
+from lora.training import DEFAULT_STEPS
 from model.files import atomic_path, write_section
 from model.loader import load_wan
-from model.pipeline import generate_videos
+from model.pipeline import generate_videos, initial_noise
 from toy import oracle, world
 from toy.concepts import CONCEPTS
 
 PROJECT = os.path.dirname(os.path.abspath(__file__))
-STAGE_STEPS = {"set": 600, "sequence": 900, "single": 1500}   # train.py's default steps (the paper's)
 RESULTS = "docs/results.md"   # --write-docs fills its section between the eval markers
 BEGIN, END = "<!-- eval:begin -->", "<!-- eval:end -->"
 NO_REG = ("--drop", "0", "--text-mask", "0", "--prior-weight", "0")
@@ -110,8 +110,8 @@ def make_jobs(concept_names: list[str], variants: list[str], seeds: int, composi
             for variant in [v for v in COMPOSITION if v in variants] or ["ours"]:
                 jobs.append(Job(f"composition/{'+'.join(pair)}/{variant}/seed{seed}", pair, seed,
                                 VARIANTS[variant][1], ((variant, "sequence.safetensors"),)))
-    # the longest jobs first, so the workers finish together
-    return sorted(jobs, key=lambda j: -sum(STAGE_STEPS[s] for s, _ in j.stages) * len(j.concepts))
+    # the longest jobs first (by train.py's default steps per stage), so the workers finish together
+    return sorted(jobs, key=lambda j: -sum(DEFAULT_STEPS[s] for s, _ in j.stages) * len(j.concepts))
 
 
 # ---------------------------------------------------------------------------- the prompts and their scenes
@@ -176,7 +176,8 @@ def sample_and_score(model_dir: str, adapter: str | None, prompts: list[tuple[st
     else:
         models = load_wan(model_dir)
         apply_adapters(models.dit, [adapter] if adapter else [], models.model_id, s_id=1.0, s_mot=1.0)
-        videos = generate_videos(models, [p for _, p, _ in prompts], seed, steps)                # (B, 3, T, H, W)
+        noise = initial_noise(models.cfg, len(prompts), models.cfg.num_frames, torch.Generator().manual_seed(seed))
+        videos = generate_videos(models, [p for _, p, _ in prompts], noise, steps)               # (B, 3, T, H, W)
     rows = []
     for (kind, prompt, scene), video in zip(prompts, videos):
         clip = video.transpose(0, 1)                                      # (T, 3, H, W)

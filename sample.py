@@ -99,11 +99,10 @@ def main(args: argparse.Namespace) -> str:
         dit.requires_grad_(False)
         offload_blocks(dit, args.offload_blocks, device)
     # One noise for every prompt: the panels differ only by their text.
-    shape = latent_shape(cfg, 1, frames, height, width)
-    noise_seed = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn(latent_shape(cfg, 1, frames, height, width),
+                        generator=torch.Generator().manual_seed(args.seed))  # (1, C, F, H, W), on the CPU
     latents = torch.cat([generate_latents(dit, context[i:i + 1], None if negative is None else negative[i:i + 1],
-                                          shape, args.sampler, steps, shift, guidance,
-                                          torch.Generator().set_state(noise_seed.get_state()))
+                                          noise, args.sampler, steps, shift, guidance)
                          for i in range(len(prompts))])                      # (B, C, F, H, W)
     del dit
 

@@ -28,9 +28,8 @@ from tqdm import tqdm
 from data import Concept, VideoLatents, cache_latents, cache_text, preview_prompts
 from data import prior_latents, prior_prompts, resolve_run, sequence_batches, set_batches, warn_split_tokens
 from lora.export import export_files
-from lora.lora import inject, load_adapter_file, save_adapter
-from lora.lora import set_stage, trainable_parameters
-from lora.training import learning_rate, load_state, plot_losses, resume_hint, rng_states, save_state
+from lora.lora import inject, load_adapter_file, save_adapter, set_stage, trainable_parameters
+from lora.training import DEFAULT_STEPS, learning_rate, load_state, plot_losses, resume_hint, rng_states, save_state
 from model.checkpoint import weights_fingerprint
 from model.flow import flow_matching_loss, sample_train_sigmas
 from model.loader import DTYPES, add_model_arguments, add_runtime_arguments, load_wan, single_files
@@ -41,15 +40,11 @@ from model.pipeline import check_size, generate_latents
 from model.text_encoder import encode_prompts
 from video import VideoError, check_video_size, write_panels
 
-# Steps per stage (docs/method.md: the paper's 600 and 900; stage single gets their sum, same total work).
-DEFAULT_STEPS = {"set": 600, "sequence": 900, "single": 1500}
-
-# Training defaults per base model (by its model id; a flag given wins). Wan gets the paper's values
-# (docs/method.md) with its batch of 8 as 1 sample at a time x 8 accumulated; the toy model's were
-# measured on the toy world (docs/toy-model.md): Adam moves a 128-wide layer far less than a
-# 1536-wide one, hence the larger rate, and at the paper's regularization its adapters learned
-# nothing in 600 + 900 steps. Its prior weight keeps the balance measured with 8 concept and 2 prior
-# samples per step when the loss was their plain mean (0.25 x 2 / 8).
+# Training defaults per base model id (a flag given wins). Wan: the paper's values (docs/method.md), its
+# batch of 8 as 1 sample at a time x 8 accumulated. The toy's were measured on the toy world
+# (docs/toy-model.md): Adam moves a 128-wide layer far less than a 1536-wide one, hence the larger rate,
+# and at the paper's regularization its adapters learned nothing in 600 + 900 steps. Its prior weight keeps
+# the balance measured when the loss was the plain mean of 8 concept and 2 prior samples (0.25 x 2 / 8).
 TRAINING_DEFAULTS = {
     "paper": {"rank": 8, "lr": 1e-4, "batch": 1, "grad_accum": 8, "text_mask": 0.1, "drop_set": 0.8,
               "drop_sequence": 0.5, "prior_weight": 1.0},
@@ -196,11 +191,9 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str, ranks
                                                                          data_gen)
 
     def next_batch() -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
-        """One optimizer step's data: [(kind, latents (N, C, F, H, W), text (N, S, D), loss weight per sample)].
-
-        DreamBooth's loss: mean over the concept samples + prior_weight x mean over the prior samples
-        (+ composition_weight x mean over the stitched pairs, when composing).
-        """
+        """One optimizer step's data: [(kind, latents (N, C, F, H, W), text (N, S, D), loss weight per sample)],
+        weighted as DreamBooth's loss: mean over the concept samples + prior_weight x mean over the prior
+        samples (+ composition_weight x mean over the stitched pairs, when composing)."""
         x0, owner = next(batches)                          # owner: the video each sample comes from
         groups = [("concept", x0, text[owner], 1 / len(x0))]
         if prior is not None:
@@ -228,18 +221,15 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str, ranks
     log.writelines(kept)
 
     def preview(at_step: int) -> None:
-        """Sample the preview prompts from a fixed seed into <run-dir>/previews/ (mp4 and GIF).
-
-        Every rank samples (a sharded DiT needs them all for each forward); rank 0 decodes and writes.
-        """
+        """Sample the preview prompts from a fixed seed into <run-dir>/previews/ (mp4 and GIF): every rank
+        samples (a sharded DiT needs them all for each forward); rank 0 decodes and writes."""
         # Sampling draws from its own generator and runs without DropConnect; the global RNG (the
         # training's DropConnect masks) is put back anyway, so a run with previews trains the same adapter.
         rng = torch.get_rng_state()
         dit.eval()
-        shape = (1, *videos[0].clip.shape)
-        latents = [generate_latents(dit, preview_text[i:i + 1].to(device), negative, shape, "unipc",
-                                    cfg.sample_steps, cfg.sample_shift, cfg.guidance_scale,
-                                    torch.Generator().manual_seed(args.seed), progress=False)
+        noise = torch.randn((1, *videos[0].clip.shape), generator=torch.Generator().manual_seed(args.seed))
+        latents = [generate_latents(dit, preview_text[i:i + 1].to(device), negative, noise, "unipc",
+                                    cfg.sample_steps, cfg.sample_shift, cfg.guidance_scale, progress=False)
                    for i in range(len(preview_text))]
         reshard_all(sharded)
         if ranks.main:
@@ -266,9 +256,8 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str, ranks
                 # Every random draw is made for the whole group at once, so micro-batching cannot change it.
                 # Per-token text masking (docs/method.md#regularization): zeroed rows look like Wan's padding rows.
                 keep = torch.rand(context.shape[:2], generator=noise_gen) >= hp["text_mask"]   # (N, S)
-                # Timesteps: uniform then shifted by the model's sampling shift (default), so training
-                # weights noise levels the way the sampler visits them; coarse layout and motion are
-                # decided at high noise, which the shift favours. --timesteps logit_normal is SD3's choice.
+                # Timesteps: uniform, then the model's sampling shift (model/flow.py): coarse layout and motion
+                # are decided at high noise, which the shift favours. --timesteps logit_normal is SD3's choice.
                 sigmas = sample_train_sigmas(len(x0), noise_gen, shift=args.train_shift or cfg.sample_shift,
                                              mode=args.timesteps)                               # (N,)
                 noise = torch.randn(x0.shape, generator=noise_gen)                              # CPU noise

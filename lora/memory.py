@@ -5,6 +5,8 @@ tensors (FakeTensorMode: shapes and dtypes, no data), and LiveTensorBytes follow
 storage from its creation to its release. Weights and adapter + AdamW bytes are counted from the
 real parameter list. docs/performance.md#memory-of-a-training-micro-step-bench-py-plan says what
 each column means and how the count was checked against a real 1.3B step (within 1.2%).
+bench.py's peak-memory columns come from peak_memory: LiveTensorBytes on the CPU, CUDA's own
+counter on a GPU.
 Shapes: C latent channels, F H W latent frames/height/width, L tokens.
 """
 import dataclasses
@@ -49,6 +51,20 @@ class LiveTensorBytes(TorchDispatchMode):
                 self.peak = max(self.peak, self.live)
                 weakref.finalize(storage, self._free, storage._cdata)   # storages keep their Python object
         return out
+
+
+def peak_memory(fn, device: torch.device) -> int:
+    """Bytes a call of fn needs on top of what is allocated before it (on the CPU: LiveTensorBytes)."""
+    if device.type != "cuda":
+        with LiveTensorBytes() as tracker:
+            fn()
+        return tracker.peak
+    torch.cuda.synchronize()    # CUDA work is asynchronous: let what came before finish first
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
 
 
 PLAN_PRESETS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")

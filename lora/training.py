@@ -1,4 +1,5 @@
-"""What train.py keeps around its loop: the learning-rate schedule, the resume state, the loss plot.
+"""What train.py keeps around its loop: the steps per stage, the learning-rate schedule, the resume
+state, the loss plot.
 
 A resumed run must continue bit-exactly: its state holds the adapter tensors (only what trains),
 AdamW's moments and every random stream a step draws from (noise, sigmas and text masks from one
@@ -14,6 +15,9 @@ import torch
 from lora.lora import adapter_state_dict
 from model.files import atomic_path
 from model.parallel import Ranks, gather
+
+# Steps per stage (docs/method.md: the paper's 600 and 900; stage single gets their sum, same total work).
+DEFAULT_STEPS = {"set": 600, "sequence": 900, "single": 1500}
 
 
 def learning_rate(step: int, steps: int, peak: float, schedule: str, warmup: int) -> float:

@@ -1,5 +1,5 @@
-"""Text -> video with Wan2.1: the sampling pipeline that sample.py, train.py (prior samples) and the
-evaluation scripts share.
+"""Text -> video with Wan2.1: the one sampling pipeline that sample.py, train.py (previews and data.py's
+prior samples), bench.py and the evaluation scripts (eval.py, toy/) share.
 
 Prompts are encoded once, the DiT integrates the flow from noise to latents with classifier-free
 guidance (model/flow.py's samplers), and the VAE decodes them. The initial noise comes from a CPU
@@ -19,17 +19,23 @@ def latent_shape(cfg, batch: int, frames: int, height: int, width: int) -> tuple
             height // cfg.vae.spatial_factor, width // cfg.vae.spatial_factor)
 
 
+def initial_noise(cfg, batch: int, frames: int, generator: torch.Generator) -> torch.Tensor:
+    """Initial noise (B, C, F, H, W) for `frames` frames at the model's height and width: standard normal,
+    drawn on the CPU so that a seed means the same video on any device."""
+    return torch.randn(latent_shape(cfg, batch, frames, cfg.height, cfg.width), generator=generator)
+
+
 @torch.no_grad()
-def generate_latents(dit, context: torch.Tensor, negative: torch.Tensor | None, shape: tuple[int, ...],
-                     sampler: str, steps: int, shift: float, guidance: float, generator: torch.Generator,
-                     progress: bool = True) -> torch.Tensor:
-    """Integrate the flow from CPU-generator noise to latents (B, C, F, H, W) with CFG.
+def generate_latents(dit, context: torch.Tensor, negative: torch.Tensor | None, noise: torch.Tensor,
+                     sampler: str, steps: int, shift: float, guidance: float, progress: bool = True) -> torch.Tensor:
+    """Integrate the flow from the initial noise (B, C, F, H, W) to latents (B, C, F, H, W) with CFG.
 
     context / negative: (B, S, D) text states of the prompt and the negative prompt
     (negative may be None when guidance == 1, which needs one model pass per step instead of two).
+    noise: drawn by the caller from a CPU generator (initial_noise); it is moved to context's device here.
     """
     device = context.device
-    noise = torch.randn(shape, generator=generator).to(device)  # (B, C, F, H, W), drawn on the CPU
+    noise = noise.to(device)                                               # (B, C, F, H, W)
     sigmas = unipc_sigmas(steps, shift) if sampler == "unipc" else euler_sigmas(steps, shift)
     weight_dtype = dit.compute_dtype   # the blocks' linears' (model/loader.py keeps some small modules fp32)
 
@@ -48,19 +54,19 @@ def generate_latents(dit, context: torch.Tensor, negative: torch.Tensor | None, 
 
 
 @torch.no_grad()
-def generate_videos(models: WanModels, prompts: list[str], seed: int, steps: int | None = None) -> torch.Tensor:
-    """Videos (B, 3, T, H, W) in [-1, 1] for B prompts in one batch, at the model's default size and sampler.
+def generate_videos(models: WanModels, prompts: list[str], noise: torch.Tensor, steps: int | None = None,
+                    shift: float | None = None, guidance: float | None = None) -> torch.Tensor:
+    """Videos (B, 3, T, H, W) in [-1, 1] for B prompts in one batch from the initial noise (B, C, F, H, W).
 
-    For scripts that compare many samples (eval.py, toy/make_strip.py): the same noise stream (seed)
-    for every call, the model's negative prompt, UniPC with CFG, as sample.py samples.
+    For scripts that compare many samples (eval.py, toy/): the model's negative prompt, UniPC with CFG,
+    as sample.py samples; steps, shift and guidance default to the model's config.
     """
     cfg, device = models.cfg, next(models.dit.parameters()).device
     states = encode_prompts(models.tokenizer, models.text_encoder, prompts + [cfg.negative_prompt], device)
     context, negative = states[:-1], states[-1:].expand(len(prompts), -1, -1)        # (B, S, D) each
-    shape = latent_shape(cfg, len(prompts), cfg.num_frames, cfg.height, cfg.width)
-    latents = generate_latents(models.dit, context, negative, shape, "unipc", steps or cfg.sample_steps,
-                               cfg.sample_shift, cfg.guidance_scale, torch.Generator().manual_seed(seed),
-                               progress=False)
+    latents = generate_latents(models.dit, context, negative, noise, "unipc", steps or cfg.sample_steps,
+                               cfg.sample_shift if shift is None else shift,
+                               cfg.guidance_scale if guidance is None else guidance, progress=False)
     return models.vae.decode(latents)
 
 

@@ -130,7 +130,22 @@ class UMT5Encoder(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList([EncoderBlock(cfg) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.dim, cfg.eps)
-        # No initialize_weights(): this model is only ever loaded from a pretrained checkpoint.
+        # PyTorch's default init here: Wan's umT5 is always loaded from its checkpoint. Only the toy
+        # model trains one from scratch (toy/pretrain.py), after calling init_weights().
+
+    @torch.no_grad()
+    def init_weights(self):
+        """T5's own init (Raffel et al.; transformers T5PreTrainedModel._init_weights, factor 1)."""
+        cfg = self.cfg
+        nn.init.normal_(self.token_embedding.weight, std=1.0)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.q.weight, std=(cfg.dim * cfg.head_dim) ** -0.5)  # the 1/sqrt(d) lives here
+            for linear in (block.attn.k, block.attn.v, block.ffn.gate[0], block.ffn.fc1):
+                nn.init.normal_(linear.weight, std=cfg.dim ** -0.5)
+            nn.init.normal_(block.attn.o.weight, std=(cfg.num_heads * cfg.head_dim) ** -0.5)
+            nn.init.normal_(block.ffn.fc2.weight, std=cfg.ffn_dim ** -0.5)
+            nn.init.normal_(block.pos_embedding.embedding.weight, std=cfg.dim ** -0.5)
+        # RMSNorm weights stay 1, from their constructors.
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ids (B, S) long, mask (B, S) 1 on real tokens -> (B, S, D) in the weight dtype, padded rows zero."""

@@ -2,6 +2,7 @@
 import torch
 
 import bench
+from lora.memory import LiveTensorBytes
 
 
 def test_bench_tiny_table(tmp_path, one_thread):
@@ -35,7 +36,7 @@ def test_dit_flops_counts_linears_and_attention():
 def test_live_tensor_bytes_counts_new_storages_only():
     """The CPU peak counts tensors created inside (not views of old ones) and drops them when freed."""
     weight = torch.randn(256, 256)
-    with bench.LiveTensorBytes() as tracker:
+    with LiveTensorBytes() as tracker:
         view = weight.t()                      # a view: no new memory
         y = weight @ weight                    # 256 KiB
         del y

@@ -14,9 +14,10 @@ from model import flow
 from model.config import PRESETS
 from model.dit import WanDiT
 from model.loader import load_wan
+from model.pipeline import generate_videos, initial_noise
 from model.vae import WanVAE
 from toy import concepts, world
-from toy.evaluate import breakdown, generate, initial_noise, swap_word, word_probe
+from toy.evaluate import breakdown, swap_word, word_probe
 from toy.pretrain_vae import inflate_init
 
 CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toy", "checkpoint")
@@ -76,11 +77,12 @@ def test_diffusers_pipeline_makes_the_same_video(models):
     pytest.importorskip("transformers")
     from diffusers import WanPipeline
     pipe = WanPipeline.from_pretrained(CHECKPOINT, dtype=torch.float32)   # bf16 files, run in fp32
-    steps, shift, guidance = 10, TOY.sample_shift, TOY.guidance_scale           # 10 steps: a quick test
-    ours_sigmas = flow.unipc_sigmas(steps, pipe.scheduler.config.flow_shift)
+    steps, guidance = 10, TOY.guidance_scale                                    # 10 steps: a quick test
     # diffusers' use_flow_sigmas grid starts at sigma = 1, the original Wan grid (ours) at 0.999 then
-    # shifted; both are built from the scheduler config, but to compare the models and not the grids
-    # the pipeline's scheduler is handed our grid after it builds its own.
+    # shifted; both use the same shift, but to compare the models and not the grids the pipeline's
+    # scheduler is handed our grid (the one generate_videos samples on) after it builds its own.
+    assert pipe.scheduler.config.flow_shift == TOY.sample_shift
+    ours_sigmas = flow.unipc_sigmas(steps, TOY.sample_shift)
     build = pipe.scheduler.set_timesteps
 
     def set_timesteps(*args, **kwargs):
@@ -89,11 +91,11 @@ def test_diffusers_pipeline_makes_the_same_video(models):
         pipe.scheduler.timesteps = (ours_sigmas[:-1] * flow.NUM_TRAIN_TIMESTEPS).long()
 
     pipe.scheduler.set_timesteps = set_timesteps
-    noise = initial_noise(models, 1, TOY.num_frames, torch.Generator().manual_seed(0))
+    noise = initial_noise(TOY, 1, TOY.num_frames, torch.Generator().manual_seed(0))
     theirs = pipe(prompt=PROMPT, negative_prompt="", height=TOY.height, width=TOY.width, num_frames=TOY.num_frames,
                   num_inference_steps=steps, guidance_scale=guidance, latents=noise.clone(),
                   max_sequence_length=TOY.t5.text_len, output_type="pt").frames    # (1, T, 3, H, W) in [0, 1]
-    ours = generate(models, [PROMPT], noise, steps, shift, guidance, sigmas=ours_sigmas)  # (1, 3, T, H, W)
+    ours = generate_videos(models, [PROMPT], noise, steps)                      # (1, 3, T, H, W)
     ours = (ours.transpose(1, 2) + 1) / 2
     # Both sides run the same bf16-stored weights in fp32; only op order differs (RoPE as complex vs
     # real pairs, the fp32 vs float64 sinusoid, ...), amplified by CFG 5 through 10 steps. "The same

@@ -2,9 +2,10 @@
 
 The toy base model stands in for Wan2.1, so before personalizing it we check that it is a
 text-to-video model at all: random held-in scenes (toy/world.py, seeded), their captions sampled
-the way sample.py samples (UniPC on the config's shifted sigma grid, classifier-free guidance
-against the empty prompt, which is what the 10% caption dropout of toy/pretrain.py trained),
-decoded by the VAE, and scored by toy/oracle.py against the scene the caption came from:
+the way sample.py samples (model/pipeline.py generate_videos: UniPC on the config's shifted sigma
+grid, classifier-free guidance against the toy's negative prompt, the empty one that the 10% caption
+dropout of toy/pretrain.py trained), decoded by the VAE, and scored by toy/oracle.py against the
+scene the caption came from:
 
   background  the fitted background is the named one            (target >= 90%)
   colour      every sprite shows exactly its named colour(s)      (target >= 80%)
@@ -28,39 +29,12 @@ from tqdm import tqdm
 
 from model import flow
 from model.loader import WanModels, load_wan
+from model.pipeline import generate_videos, initial_noise
 from model.text_encoder import encode_prompts
-from model.pipeline import latent_shape
 from toy import oracle, world
 
 METRICS = ("background_ok", "colour_ok", "motion_ok", "shape_ok", "pattern_ok", "identity_score", "motion_score")
 TARGETS = {"background_ok": 0.9, "colour_ok": 0.8, "motion_ok": 0.7}
-
-
-@torch.no_grad()
-def generate(models: WanModels, prompts: list[str], noise: torch.Tensor, steps: int, shift: float,
-             guidance: float, negative_prompt: str = "", sigmas: torch.Tensor | None = None) -> torch.Tensor:
-    """Videos (B, 3, T, H, W) in [-1, 1] from initial noise (B, z, F, H, W): UniPC with CFG, then the VAE."""
-    device = noise.device
-    context = encode_prompts(models.tokenizer, models.text_encoder, prompts, device)            # (B, S, D)
-    negative = encode_prompts(models.tokenizer, models.text_encoder, [negative_prompt], device)  # (1, S, D)
-    context_uncond = negative.expand_as(context)
-
-    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        # Both CFG branches in one batch: [conditional; unconditional].
-        both = models.dit(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, context_uncond]))
-        v_cond, v_uncond = both.chunk(2)
-        return flow.cfg_velocity(v_cond, v_uncond, guidance)
-
-    if sigmas is None:
-        sigmas = flow.unipc_sigmas(steps, shift)
-    latents = flow.sample_unipc(velocity, noise, sigmas)                                         # (B, z, F, H, W)
-    return models.vae.decode(latents)
-
-
-def initial_noise(models: WanModels, count: int, num_frames: int, generator: torch.Generator) -> torch.Tensor:
-    """(count, z, F, H/8, W/8) standard normal, drawn on the CPU so a seed means the same video anywhere."""
-    cfg = models.cfg
-    return torch.randn(latent_shape(cfg, count, num_frames, cfg.height, cfg.width), generator=generator)
 
 
 def swap_word(scene: world.Scene, kind: str, generator: torch.Generator) -> str:
@@ -110,14 +84,14 @@ def main(args) -> None:
     # Held-in scenes only: the base model is judged on what it was trained to draw.
     generator = torch.Generator().manual_seed(args.seed)
     scenes = [world.random_scene(generator, "train") for _ in range(args.count)]
-    noise = initial_noise(models, args.count, cfg.num_frames, generator)
+    noise = initial_noise(cfg, args.count, cfg.num_frames, generator)                 # (count, z, F, H, W)
 
     rows, reference_rows = [], []
     start = time.time()
     for i in tqdm(range(0, args.count, args.batch), desc="evaluate"):
         batch = scenes[i:i + args.batch]
-        videos = generate(models, [world.caption(s) for s in batch], noise[i:i + args.batch].to(args.device),
-                          steps, shift, guidance)                                    # (B, 3, T, H, W)
+        videos = generate_videos(models, [world.caption(s) for s in batch], noise[i:i + args.batch],
+                                 steps, shift, guidance)                             # (B, 3, T, H, W)
         for scene, video in zip(batch, videos):
             rows.append(oracle.score(video.transpose(0, 1).cpu(), scene))            # (T, 3, H, W) clip
         if args.reconstruction:

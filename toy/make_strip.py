@@ -16,7 +16,7 @@ import torch
 from video import read_video, side_by_side, write_video
 from lora.lora import apply_adapters
 from model.loader import load_wan
-from model.pipeline import generate_videos
+from model.pipeline import generate_videos, initial_noise
 from toy import TOY_MODEL, oracle, world
 from toy.concepts import CONCEPTS
 
@@ -43,7 +43,8 @@ def main(args: argparse.Namespace) -> None:
         else:
             models = load_wan(args.model)
             apply_adapters(models.dit, [adapters[stage]], models.model_id, s_id=1.0, s_mot=1.0)
-            clip = generate_videos(models, [prompt], args.seed)[0].transpose(0, 1)            # (T, 3, H, W)
+            noise = initial_noise(models.cfg, 1, models.cfg.num_frames, torch.Generator().manual_seed(args.seed))
+            clip = generate_videos(models, [prompt], noise)[0].transpose(0, 1)                 # (T, 3, H, W)
         result = oracle.score(clip, scene)
         print(f"{title:22s} identity {result['identity_score']:.3f}  motion {result['motion_score']:.3f}  "
               f"background {result['background']}  {prompt or ''}")

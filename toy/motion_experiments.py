@@ -20,6 +20,9 @@ Variants:
   --amplitude PX      how far motions travel from the anchor, in pixels at 64 (the world's is 10)
   --jitter PX         anchors at most PX pixels from the frame's centre, so the motion word sets the path
   --vae PATH          another toy VAE (a checkpoint folder) to encode and decode with
+  --images N          single frames a step (default: as many as --batch clips; 0: clips only)
+  --frame-embedding   diagnostic, NOT Wan: a learned vector per latent frame added to the tokens, the
+                      absolute frame index that Wan's relative RoPE does not give
 Tools: `--breakdown` scores a finished run's weights per colour and per motion; `--drift` shows where
 its DiT puts the sprite at high noise (first and last frame), per motion word. Other VAEs to try with
 --vae, and the latent-shift probe that measures how colour-blind a VAE's motion signature is, come
@@ -42,11 +45,10 @@ import torch.nn.functional as F  # noqa: E402
 from model import flow  # noqa: E402
 from model.dit import WanDiT  # noqa: E402
 from model.loader import WanModels, load_wan  # noqa: E402
+from model.pipeline import generate_videos  # noqa: E402
 from model.text_encoder import UMT5Encoder  # noqa: E402
 from model.vae import WanVAE  # noqa: E402
 from toy import oracle, world  # noqa: E402
-from toy.evaluate import generate  # noqa: E402
-from toy.pretrain import init_text_encoder, posterior_sample  # noqa: E402
 
 SOLID = ("black", "white", "gray", "blue", "green")
 
@@ -163,19 +165,25 @@ def main(a):
     with torch.device("meta"):
         stats = WanVAE(cfg.vae)
     dit, enc = WanDiT(cfg.dit), UMT5Encoder(cfg.t5)
-    init_text_encoder(enc)
+    enc.init_weights()
     head = torch.nn.Linear(cfg.dit.dim, 4)          # 2x2 latent pixels per token (patch 1x2x2)
     feats = {}
     dit.blocks[a.sil_block].register_forward_hook(lambda m, i, o: feats.__setitem__("x", o))
+    frames = torch.nn.Parameter(torch.zeros(cfg.dit.dim, 5, 1, 1))    # (D, latent frame, 1, 1)
+    if a.frame_embedding:                           # added to the patch embedding's (B, D, f, h, w) output
+        dit.patch_embedding.register_forward_hook(lambda m, i, o: o + frames[:, :o.shape[2]])
     params = list(dit.parameters()) + list(enc.parameters()) + (list(head.parameters()) if a.sil_weight else [])
+    params += [frames] if a.frame_embedding else []
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.99), weight_decay=0.01)
     g = torch.Generator().manual_seed(a.seed + 4)
     B = a.batch
 
-    def batch(moments, ids, mask, cov):
-        rows = torch.randint(len(moments), (B,), generator=g)
-        drop = torch.rand(B, generator=g) < 0.1
-        x0 = posterior_sample(moments[rows], stats, None if a.mean_latents else g)
+    a.images = B if a.images is None else a.images
+
+    def batch(moments, ids, mask, cov, n=B):
+        rows = torch.randint(len(moments), (n,), generator=g)
+        drop = torch.rand(n, generator=g) < 0.1
+        x0 = stats.normalized_latent(*moments[rows].chunk(2, dim=1), None if a.mean_latents else g)
         return (x0, torch.where(drop[:, None], empty_ids, ids[rows]),
                 torch.where(drop[:, None], empty_mask, mask[rows]), cov[rows])
 
@@ -196,7 +204,7 @@ def main(a):
         if a.sil_weight:
             Fr = x0.shape[2]
             p = head(feats["x"])                                             # (B, L, 4)
-            p = p.view(B, Fr, 4, 4, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(B, Fr, 8, 8)
+            p = p.view(x0.shape[0], Fr, 4, 4, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(x0.shape[0], Fr, 8, 8)
             sil = (p - cov).pow(2).mean()
         return loss, sil
 
@@ -207,10 +215,10 @@ def main(a):
         for grp in opt.param_groups:
             grp["lr"] = lr
         xv, iv, mv, cv = batch(cache["video"], vid_ids, vid_mask, cache["cov_v"])
-        xi, ii, mi, ci = batch(cache["image"], img_ids, img_mask, cache["cov_i"])
+        xi, ii, mi, ci = batch(cache["image"], img_ids, img_mask, cache["cov_i"], a.images)
         ctx = enc(torch.cat([iv, ii]), torch.cat([mv, mi]))
         lv, sv = step_loss(xv, ctx[:B], cv, a.clip_shift)
-        li, si = step_loss(xi, ctx[B:], ci, 1.0)
+        li, si = step_loss(xi, ctx[B:], ci, 1.0) if a.images else (torch.zeros(()), torch.zeros(()))
         loss = lv + li + a.sil_weight * (sv + si)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -229,18 +237,18 @@ def main(a):
     noise = torch.randn(50, cfg.vae.z_dim, 5, 8, 8, generator=ge)
     rows = []
     for i in range(0, 50, 25):
-        vids = generate(models, [world.caption(s) for s in scenes[i:i + 25]], noise[i:i + 25],
-                        cfg.sample_steps, cfg.sample_shift, cfg.guidance_scale)
+        vids = generate_videos(models, [world.caption(s) for s in scenes[i:i + 25]], noise[i:i + 25])
         rows += [oracle.score(v.transpose(0, 1), s) for s, v in zip(scenes[i:i + 25], vids)]
     res = {k: sum(float(r[k]) for r in rows) / len(rows) for k in ("background_ok", "colour_ok", "motion_ok")}
     res.update(name=a.name, steps=a.steps, train_min=round(train_min, 1), clip_shift=a.clip_shift,
                sil_weight=a.sil_weight, lr=a.lr, anchor_p=a.anchor_p, world=a.world,
                patch=a.patch, amplitude=a.amplitude, batch=a.batch, vae=a.vae, colours=a.colours, backgrounds=a.backgrounds, clips=a.clips, jitter=a.jitter,
-               mean_latents=a.mean_latents)
+               mean_latents=a.mean_latents, images=a.images, frame_embedding=a.frame_embedding)
     print(json.dumps(res), file=log, flush=True)
     with open(os.path.join(a.root, "results.jsonl"), "a") as f:
         f.write(json.dumps(res) + "\n")
-    torch.save({"dit": dit.state_dict(), "t5": enc.state_dict()}, os.path.join(a.out, "weights.pt"))
+    torch.save({"dit": dit.state_dict(), "t5": enc.state_dict(), "frames": frames if a.frame_embedding else None},
+               os.path.join(a.out, "weights.pt"))
 
 
 @torch.no_grad()
@@ -252,6 +260,8 @@ def breakdown(a) -> None:
     dit, enc = WanDiT(cfg.dit), UMT5Encoder(cfg.t5)
     dit.load_state_dict(state["dit"])
     enc.load_state_dict(state["t5"])
+    if state.get("frames") is not None:         # a --frame-embedding run
+        dit.patch_embedding.register_forward_hook(lambda m, i, o: o + state["frames"][:, :o.shape[2]])
     models = WanModels(cfg, "toy", dit.eval(), base.vae.eval(), enc.eval(), base.tokenizer)
     background = WORLD["backgrounds"][0]
     colours = [c for c in (WORLD["colours"] or world.vocabulary("colour"))
@@ -261,8 +271,7 @@ def breakdown(a) -> None:
     noise = torch.randn(len(scenes), cfg.vae.z_dim, 5, 8, 8, generator=torch.Generator().manual_seed(1))
     rows = []
     for i in range(0, len(scenes), 21):
-        vids = generate(models, [world.caption(s) for s in scenes[i:i + 21]], noise[i:i + 21],
-                        cfg.sample_steps, cfg.sample_shift, cfg.guidance_scale)
+        vids = generate_videos(models, [world.caption(s) for s in scenes[i:i + 21]], noise[i:i + 21])
         rows += [oracle.score(v.transpose(0, 1), s) for s, v in zip(scenes[i:i + 21], vids)]
     for key in ("colour", "motion"):
         right: dict[str, list[float]] = {}
@@ -287,6 +296,8 @@ def drift(a) -> None:
     dit, enc = WanDiT(cfg.dit), UMT5Encoder(cfg.t5)
     dit.load_state_dict(state["dit"])
     enc.load_state_dict(state["t5"])
+    if state.get("frames") is not None:         # a --frame-embedding run
+        dit.patch_embedding.register_forward_hook(lambda m, i, o: o + state["frames"][:, :o.shape[2]])
     dit.eval(), enc.eval()
     g = torch.Generator().manual_seed(3)
     background = world.render_background("black").permute(2, 0, 1) * 2 - 1                  # (3, H, W)
@@ -328,6 +339,9 @@ if __name__ == "__main__":
     p.add_argument("--backgrounds", help="comma-separated solid backgrounds (default: the world's)")
     p.add_argument("--mean-latents", action="store_true",
                    help="train on the posterior means, not samples (for a VAE whose channels are near-constant)")
+    p.add_argument("--images", type=int, default=None, help="single frames a step (default: --batch; 0: none)")
+    p.add_argument("--frame-embedding", action="store_true",
+                   help="diagnostic, not Wan: a learned absolute embedding per latent frame")
     p.add_argument("--breakdown", action="store_true", help="instead: score --name's weights on a balanced grid")
     p.add_argument("--drift", action="store_true",
                    help="instead: where --name's DiT puts the sprite at high noise, first and last frame")

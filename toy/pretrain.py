@@ -154,24 +154,6 @@ def measured_config(args) -> WanConfig:
 
 # ---------------------------------------------------------------------------- DiT
 
-def init_text_encoder(encoder: UMT5Encoder) -> None:
-    """T5's own init (Raffel et al.; transformers T5PreTrainedModel._init_weights, factor 1)."""
-    cfg = encoder.cfg
-    torch.nn.init.normal_(encoder.token_embedding.weight, std=1.0)
-    for block in encoder.blocks:
-        torch.nn.init.normal_(block.attn.q.weight, std=(cfg.dim * cfg.head_dim) ** -0.5)  # the 1/sqrt(d) lives here
-        for linear in (block.attn.k, block.attn.v, block.ffn.gate[0], block.ffn.fc1):
-            torch.nn.init.normal_(linear.weight, std=cfg.dim ** -0.5)
-        torch.nn.init.normal_(block.attn.o.weight, std=(cfg.num_heads * cfg.head_dim) ** -0.5)
-        torch.nn.init.normal_(block.ffn.fc2.weight, std=cfg.ffn_dim ** -0.5)
-        torch.nn.init.normal_(block.pos_embedding.embedding.weight, std=cfg.dim ** -0.5)
-
-
-def posterior_sample(moments: torch.Tensor, vae: WanVAE, generator: torch.Generator) -> torch.Tensor:
-    """(B, 2z, F, H, W) cached mean/logvar -> a normalized latent sample (B, z, F, H, W), as WanVAE.encode."""
-    return vae.normalized_latent(*moments.chunk(2, dim=1), generator)
-
-
 def flow_step(dit: WanDiT, x0: torch.Tensor, context: torch.Tensor, args,
               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample flow-matching loss (B,) and the sigmas it was drawn at."""
@@ -198,7 +180,7 @@ def train_dit(args, deadline: Deadline) -> None:
     with torch.device("meta"):
         stats = WanVAE(cfg.vae)      # only its latent statistics are used: no weights needed
     dit, encoder = WanDiT(cfg.dit), UMT5Encoder(cfg.t5)
-    init_text_encoder(encoder)
+    encoder.init_weights()                                 # T5's own init: this umT5 starts from nothing
     # The umT5 trains jointly with the DiT here and is frozen afterwards: a random frozen encoder
     # would hand the DiT token embeddings with no notion of which colour belongs to which shape
     # (the DiT's cross-attention has no text positions); the real umT5 learned that from text.
@@ -226,7 +208,8 @@ def train_dit(args, deadline: Deadline) -> None:
         drop = torch.rand(args.dit_batch, generator=generator) < args.caption_dropout
         b_ids = torch.where(drop[:, None], empty_ids, ids[rows])
         b_mask = torch.where(drop[:, None], empty_mask, mask[rows])
-        return posterior_sample(moments[rows], stats, generator), b_ids, b_mask
+        # The cached (B, 2z, F, H, W) mean/logvar -> a fresh normalized latent sample (B, z, F, H, W).
+        return stats.normalized_latent(*moments[rows].chunk(2, dim=1), generator), b_ids, b_mask
 
     bins = torch.zeros(2, 5)     # (sum, count) of the video loss per sigma fifth, as minRF logs it
     autosave, log = Every(args.save_minutes), tqdm(total=args.dit_steps, initial=step, desc="dit", mininterval=10)
