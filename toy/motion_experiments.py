@@ -21,10 +21,15 @@ Variants:
   --jitter PX         anchors at most PX pixels from the frame's centre, so the motion word sets the path
   --vae PATH          another toy VAE (a checkpoint folder) to encode and decode with
   --images N          single frames a step (default: as many as --batch clips; 0: clips only)
+  --high-noise P      a share P of the clips trained at sigma ~ U(0.85, 1), where the path is chosen
+  --frozen-text       the umT5 stays at its random init instead of training with the DiT
+  --frame-head W      a training-only head on block --sil-block's tokens predicts each token's latent
+                      frame index (cross-entropy, weight W): the DiT must infer it from RoPE's ends
   --frame-embedding   diagnostic, NOT Wan: a learned vector per latent frame added to the tokens, the
                       absolute frame index that Wan's relative RoPE does not give
 Tools: `--breakdown` scores a finished run's weights per colour and per motion; `--drift` shows where
-its DiT puts the sprite at high noise (first and last frame), per motion word. Other VAEs to try with
+its DiT puts the sprite at high noise (first and last frame), per motion word; `--words` how much its
+umT5 and DiT react to a motion, colour or background word. Other VAEs to try with
 --vae, and the latent-shift probe that measures how colour-blind a VAE's motion signature is, come
 from toy/latent_tie.py.
 Run from the project folder: python -m toy.motion_experiments --name NAME [...]; each run appends a
@@ -46,7 +51,7 @@ from model import flow  # noqa: E402
 from model.dit import WanDiT  # noqa: E402
 from model.loader import WanModels, load_wan  # noqa: E402
 from model.pipeline import generate_videos  # noqa: E402
-from model.text_encoder import UMT5Encoder  # noqa: E402
+from model.text_encoder import UMT5Encoder, encode_prompts  # noqa: E402
 from model.vae import WanVAE  # noqa: E402
 from toy import oracle, world  # noqa: E402
 
@@ -172,8 +177,12 @@ def main(a):
     frames = torch.nn.Parameter(torch.zeros(cfg.dit.dim, 5, 1, 1))    # (D, latent frame, 1, 1)
     if a.frame_embedding:                           # added to the patch embedding's (B, D, f, h, w) output
         dit.patch_embedding.register_forward_hook(lambda m, i, o: o + frames[:, :o.shape[2]])
-    params = list(dit.parameters()) + list(enc.parameters()) + (list(head.parameters()) if a.sil_weight else [])
-    params += [frames] if a.frame_embedding else []
+    frame_head = torch.nn.Linear(cfg.dit.dim, 5)     # training-only: which latent frame a token is in
+    # --frozen-text: the umT5 stays at its random init (Wan keeps its pretrained umT5 frozen too)
+    enc.requires_grad_(not a.frozen_text)
+    params = list(dit.parameters()) + ([] if a.frozen_text else list(enc.parameters()))
+    params += list(head.parameters()) if a.sil_weight else []
+    params += ([frames] if a.frame_embedding else []) + (list(frame_head.parameters()) if a.frame_head else [])
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.99), weight_decay=0.01)
     g = torch.Generator().manual_seed(a.seed + 4)
     B = a.batch
@@ -189,6 +198,9 @@ def main(a):
 
     def step_loss(x0, ctx, cov, shift):
         sig = flow.sample_train_sigmas(x0.shape[0], g, shift=shift, mode="logit_normal")
+        if a.high_noise and x0.shape[2] > 1:       # a share of the clips at sigma ~ U(0.85, 1): where the path is chosen
+            high = torch.rand(x0.shape[0], generator=g) < a.high_noise
+            sig = torch.where(high, 0.85 + 0.15 * torch.rand(x0.shape[0], generator=g), sig)
         noise = torch.randn(x0.shape, generator=g)
         x_t = flow.add_noise(x0, noise, sig)
         weight = torch.ones(x0.shape[0], 1, x0.shape[2], 1, 1)
@@ -205,7 +217,14 @@ def main(a):
             Fr = x0.shape[2]
             p = head(feats["x"])                                             # (B, L, 4)
             p = p.view(x0.shape[0], Fr, 4, 4, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(x0.shape[0], Fr, 8, 8)
-            sil = (p - cov).pow(2).mean()
+            sil = a.sil_weight * (p - cov).pow(2).mean()
+        if a.frame_head and x0.shape[2] > 1:
+            # the frame index a token is in, read from block --sil-block (RoPE is relative: the DiT must
+            # infer it from where the sequence ends); the head is dropped after training
+            logits = frame_head(feats["x"])                                  # (B, L, 5)
+            index = torch.arange(x0.shape[2]).repeat_interleave(logits.shape[1] // x0.shape[2])
+            ce = F.cross_entropy(logits.flatten(0, 1), index.repeat(x0.shape[0]))
+            sil = sil + a.frame_head * ce
         return loss, sil
 
     log = open(os.path.join(a.out, "log.txt"), "a")
@@ -219,14 +238,14 @@ def main(a):
         ctx = enc(torch.cat([iv, ii]), torch.cat([mv, mi]))
         lv, sv = step_loss(xv, ctx[:B], cv, a.clip_shift)
         li, si = step_loss(xi, ctx[B:], ci, 1.0) if a.images else (torch.zeros(()), torch.zeros(()))
-        loss = lv + li + a.sil_weight * (sv + si)
+        loss = lv + li + sv + si
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if (step + 1) % 250 == 0:
             print(f"step {step+1} {time.time()-t0:.0f}s video {lv.item():.3f} image {li.item():.3f} "
-                  f"sil {sv.item():.4f}/{si.item():.4f}", file=log, flush=True)
+                  f"aux {sv.item():.4f}/{si.item():.4f}", file=log, flush=True)
     train_min = (time.time() - t0) / 60
 
     # ---- score on 50 captions of the small world, as toy.evaluate does
@@ -243,7 +262,9 @@ def main(a):
     res.update(name=a.name, steps=a.steps, train_min=round(train_min, 1), clip_shift=a.clip_shift,
                sil_weight=a.sil_weight, lr=a.lr, anchor_p=a.anchor_p, world=a.world,
                patch=a.patch, amplitude=a.amplitude, batch=a.batch, vae=a.vae, colours=a.colours, backgrounds=a.backgrounds, clips=a.clips, jitter=a.jitter,
-               mean_latents=a.mean_latents, images=a.images, frame_embedding=a.frame_embedding)
+               mean_latents=a.mean_latents, images=a.images, frame_embedding=a.frame_embedding,
+               frame_head=a.frame_head, frozen_text=a.frozen_text,
+               high_noise=a.high_noise)
     print(json.dumps(res), file=log, flush=True)
     with open(os.path.join(a.root, "results.jsonl"), "a") as f:
         f.write(json.dumps(res) + "\n")
@@ -251,10 +272,8 @@ def main(a):
                os.path.join(a.out, "weights.pt"))
 
 
-@torch.no_grad()
-def breakdown(a) -> None:
-    """A run's weights.pt on a balanced grid (every colour x motion, centred, first background): motion
-    right per colour and per motion, and the motion labels the oracle reads."""
+def load_run(a) -> tuple[WanModels, object, WanDiT, UMT5Encoder]:
+    """The base parts, the config and a finished run's DiT and umT5 (weights.pt), in eval mode."""
     base, cfg = setup(a)
     state = torch.load(os.path.join(a.out, "weights.pt"))
     dit, enc = WanDiT(cfg.dit), UMT5Encoder(cfg.t5)
@@ -262,7 +281,15 @@ def breakdown(a) -> None:
     enc.load_state_dict(state["t5"])
     if state.get("frames") is not None:         # a --frame-embedding run
         dit.patch_embedding.register_forward_hook(lambda m, i, o: o + state["frames"][:, :o.shape[2]])
-    models = WanModels(cfg, "toy", dit.eval(), base.vae.eval(), enc.eval(), base.tokenizer)
+    return base, cfg, dit.eval(), enc.eval()
+
+
+@torch.no_grad()
+def breakdown(a) -> None:
+    """A run's weights.pt on a balanced grid (every colour x motion, centred, first background): motion
+    right per colour and per motion, and the motion labels the oracle reads."""
+    base, cfg, dit, enc = load_run(a)
+    models = WanModels(cfg, "toy", dit, base.vae.eval(), enc, base.tokenizer)
     background = WORLD["backgrounds"][0]
     colours = [c for c in (WORLD["colours"] or world.vocabulary("colour"))
                if world.contrast(c, background) >= world.MIN_CONTRAST]
@@ -290,15 +317,7 @@ def drift(a) -> None:
     """Does a run's DiT lay out the motion at high noise? Its clean-clip estimate from pure noise at sigma
     0.98, 0.9 and 0.8 (16 noises, a large white circle on black), decoded: the sprite's mean position (the
     centroid of the change from the background) in the first and last frame, per motion word."""
-    from model.text_encoder import encode_prompts
-    base, cfg = setup(a)
-    state = torch.load(os.path.join(a.out, "weights.pt"))
-    dit, enc = WanDiT(cfg.dit), UMT5Encoder(cfg.t5)
-    dit.load_state_dict(state["dit"])
-    enc.load_state_dict(state["t5"])
-    if state.get("frames") is not None:         # a --frame-embedding run
-        dit.patch_embedding.register_forward_hook(lambda m, i, o: o + state["frames"][:, :o.shape[2]])
-    dit.eval(), enc.eval()
+    base, cfg, dit, enc = load_run(a)
     g = torch.Generator().manual_seed(3)
     background = world.render_background("black").permute(2, 0, 1) * 2 - 1                  # (3, H, W)
     pixels = torch.arange(64.0)
@@ -314,6 +333,27 @@ def drift(a) -> None:
             x, y = (w * pixels).sum((-1, -2)).mean(0), (w * pixels[:, None]).sum((-1, -2)).mean(0)  # (T,)
             found.append(f"sigma {sigma}: x {x[0]:.1f} -> {x[-1]:.1f}, y {y[0]:.1f} -> {y[-1]:.1f}")
         print(f"{motion:>5}: " + " | ".join(found), flush=True)
+
+
+@torch.no_grad()
+def words(a) -> None:
+    """How much a run's umT5 and DiT react to one word of a caption: the relative change of the text states,
+    and of the DiT's clean-clip estimate from pure noise (sigma 0.98, 0.7), when a white circle moving right
+    on black is told another motion, colour or background."""
+    base, cfg, dit, enc = load_run(a)
+    sprite = world.Sprite("circle", "white", "large", "right")
+    scenes = {"as is": world.Scene((sprite,), "black"),
+              "left": world.Scene((replace(sprite, motion="left"),), "black"),
+              "down": world.Scene((replace(sprite, motion="down"),), "black"),
+              "red": world.Scene((replace(sprite, colour="red"),), "black"),
+              "blue bg": world.Scene((sprite,), "blue")}
+    context = encode_prompts(base.tokenizer, enc, [world.caption(s) for s in scenes.values()], "cpu")  # (5, S, D)
+    noise = torch.randn(8, cfg.vae.z_dim, 5, 8, 8, generator=torch.Generator().manual_seed(3))
+    change = lambda x, ref: ((x - ref).norm() / ref.norm()).item()  # noqa: E731
+    for sigma in (0.98, 0.7):
+        x0 = [noise - sigma * dit(noise, torch.full((8,), sigma * 1000), c[None].expand(8, -1, -1)) for c in context]
+        print(f"sigma {sigma}: " + ", ".join(f"{name} text {change(c, context[0]):.2f} clip {change(x, x0[0]):.3f}"
+                                             for name, c, x in zip(list(scenes)[1:], context[1:], x0[1:])))
 
 
 if __name__ == "__main__":
@@ -340,9 +380,15 @@ if __name__ == "__main__":
     p.add_argument("--mean-latents", action="store_true",
                    help="train on the posterior means, not samples (for a VAE whose channels are near-constant)")
     p.add_argument("--images", type=int, default=None, help="single frames a step (default: --batch; 0: none)")
+    p.add_argument("--high-noise", type=float, default=0.0, help="share of clips trained at sigma ~ U(0.85, 1)")
+    p.add_argument("--frozen-text", action="store_true", help="keep the umT5 at its random init (not trained)")
+    p.add_argument("--frame-head", type=float, default=0.0,
+                   help="weight of a training-only head on block --sil-block that predicts each token's frame index")
     p.add_argument("--frame-embedding", action="store_true",
                    help="diagnostic, not Wan: a learned absolute embedding per latent frame")
     p.add_argument("--breakdown", action="store_true", help="instead: score --name's weights on a balanced grid")
+    p.add_argument("--words", action="store_true",
+                   help="instead: how much --name's umT5 and DiT react to a motion, colour or background word")
     p.add_argument("--drift", action="store_true",
                    help="instead: where --name's DiT puts the sprite at high noise, first and last frame")
     a = p.parse_args()
@@ -351,5 +397,7 @@ if __name__ == "__main__":
         breakdown(a)
     elif a.drift:
         drift(a)
+    elif a.words:
+        words(a)
     else:
         main(a)
