@@ -21,7 +21,6 @@ Variants:
   --jitter PX         anchors at most PX pixels from the frame's centre, so the motion word sets the path
   --vae PATH          another toy VAE (a checkpoint folder) to encode and decode with
   --images N          single frames a step (default: as many as --batch clips; 0: clips only)
-  --high-noise P      a share P of the clips trained at sigma ~ U(0.85, 1), where the path is chosen
   --frozen-text       the umT5 stays at its random init instead of training with the DiT
   --frame-head W      a training-only head on block --sil-block's tokens predicts each token's latent
                       frame index (cross-entropy, weight W): the DiT must infer it from RoPE's ends
@@ -48,6 +47,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from model import flow  # noqa: E402
+from model.config import WanConfig  # noqa: E402
 from model.dit import WanDiT  # noqa: E402
 from model.loader import WanModels, load_wan  # noqa: E402
 from model.pipeline import generate_videos  # noqa: E402
@@ -122,6 +122,11 @@ def build_cache(vae, n: int, seed: int) -> dict:
     return out
 
 
+def add_frame_embedding(dit: WanDiT, frames: torch.Tensor) -> None:
+    """--frame-embedding (not Wan): frames (D, 5, 1, 1) added to the patch embedding's (B, D, f, h, w) output."""
+    dit.patch_embedding.register_forward_hook(lambda m, i, o: o + frames[:, :o.shape[2]])
+
+
 def setup(a):
     """The base parts (the shipped umT5 config and tokenizer; --vae's VAE), the DiT config, the world."""
     base = load_wan("toy/checkpoint", parts=("vae", "text"))
@@ -175,8 +180,8 @@ def main(a):
     feats = {}
     dit.blocks[a.sil_block].register_forward_hook(lambda m, i, o: feats.__setitem__("x", o))
     frames = torch.nn.Parameter(torch.zeros(cfg.dit.dim, 5, 1, 1))    # (D, latent frame, 1, 1)
-    if a.frame_embedding:                           # added to the patch embedding's (B, D, f, h, w) output
-        dit.patch_embedding.register_forward_hook(lambda m, i, o: o + frames[:, :o.shape[2]])
+    if a.frame_embedding:
+        add_frame_embedding(dit, frames)
     frame_head = torch.nn.Linear(cfg.dit.dim, 5)     # training-only: which latent frame a token is in
     # --frozen-text: the umT5 stays at its random init (Wan keeps its pretrained umT5 frozen too)
     enc.requires_grad_(not a.frozen_text)
@@ -198,9 +203,6 @@ def main(a):
 
     def step_loss(x0, ctx, cov, shift):
         sig = flow.sample_train_sigmas(x0.shape[0], g, shift=shift, mode="logit_normal")
-        if a.high_noise and x0.shape[2] > 1:       # a share of the clips at sigma ~ U(0.85, 1): where the path is chosen
-            high = torch.rand(x0.shape[0], generator=g) < a.high_noise
-            sig = torch.where(high, 0.85 + 0.15 * torch.rand(x0.shape[0], generator=g), sig)
         noise = torch.randn(x0.shape, generator=g)
         x_t = flow.add_noise(x0, noise, sig)
         weight = torch.ones(x0.shape[0], 1, x0.shape[2], 1, 1)
@@ -212,20 +214,20 @@ def main(a):
         pred = dit(x_t, sig * 1000, ctx)
         err = (pred - flow.velocity_target(x0, noise)).pow(2) * weight
         loss = err.sum() / (weight.sum() * x0.shape[1] * x0.shape[3] * x0.shape[4])
-        sil = torch.zeros(())
+        aux = torch.zeros(())                       # the training-only heads' weighted losses
         if a.sil_weight:
             Fr = x0.shape[2]
             p = head(feats["x"])                                             # (B, L, 4)
             p = p.view(x0.shape[0], Fr, 4, 4, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(x0.shape[0], Fr, 8, 8)
-            sil = a.sil_weight * (p - cov).pow(2).mean()
+            aux = a.sil_weight * (p - cov).pow(2).mean()
         if a.frame_head and x0.shape[2] > 1:
             # the frame index a token is in, read from block --sil-block (RoPE is relative: the DiT must
             # infer it from where the sequence ends); the head is dropped after training
             logits = frame_head(feats["x"])                                  # (B, L, 5)
             index = torch.arange(x0.shape[2]).repeat_interleave(logits.shape[1] // x0.shape[2])
             ce = F.cross_entropy(logits.flatten(0, 1), index.repeat(x0.shape[0]))
-            sil = sil + a.frame_head * ce
-        return loss, sil
+            aux = aux + a.frame_head * ce
+        return loss, aux
 
     log = open(os.path.join(a.out, "log.txt"), "a")
     t0 = time.time()
@@ -263,8 +265,7 @@ def main(a):
                sil_weight=a.sil_weight, lr=a.lr, anchor_p=a.anchor_p, world=a.world,
                patch=a.patch, amplitude=a.amplitude, batch=a.batch, vae=a.vae, colours=a.colours, backgrounds=a.backgrounds, clips=a.clips, jitter=a.jitter,
                mean_latents=a.mean_latents, images=a.images, frame_embedding=a.frame_embedding,
-               frame_head=a.frame_head, frozen_text=a.frozen_text,
-               high_noise=a.high_noise)
+               frame_head=a.frame_head, frozen_text=a.frozen_text)
     print(json.dumps(res), file=log, flush=True)
     with open(os.path.join(a.root, "results.jsonl"), "a") as f:
         f.write(json.dumps(res) + "\n")
@@ -272,7 +273,7 @@ def main(a):
                os.path.join(a.out, "weights.pt"))
 
 
-def load_run(a) -> tuple[WanModels, object, WanDiT, UMT5Encoder]:
+def load_run(a) -> tuple[WanModels, WanConfig, WanDiT, UMT5Encoder]:
     """The base parts, the config and a finished run's DiT and umT5 (weights.pt), in eval mode."""
     base, cfg = setup(a)
     state = torch.load(os.path.join(a.out, "weights.pt"))
@@ -280,7 +281,7 @@ def load_run(a) -> tuple[WanModels, object, WanDiT, UMT5Encoder]:
     dit.load_state_dict(state["dit"])
     enc.load_state_dict(state["t5"])
     if state.get("frames") is not None:         # a --frame-embedding run
-        dit.patch_embedding.register_forward_hook(lambda m, i, o: o + state["frames"][:, :o.shape[2]])
+        add_frame_embedding(dit, state["frames"])
     return base, cfg, dit.eval(), enc.eval()
 
 
@@ -349,7 +350,10 @@ def words(a) -> None:
               "blue bg": world.Scene((sprite,), "blue")}
     context = encode_prompts(base.tokenizer, enc, [world.caption(s) for s in scenes.values()], "cpu")  # (5, S, D)
     noise = torch.randn(8, cfg.vae.z_dim, 5, 8, 8, generator=torch.Generator().manual_seed(3))
-    change = lambda x, ref: ((x - ref).norm() / ref.norm()).item()  # noqa: E731
+
+    def change(x: torch.Tensor, ref: torch.Tensor) -> float:
+        return ((x - ref).norm() / ref.norm()).item()
+
     for sigma in (0.98, 0.7):
         x0 = [noise - sigma * dit(noise, torch.full((8,), sigma * 1000), c[None].expand(8, -1, -1)) for c in context]
         print(f"sigma {sigma}: " + ", ".join(f"{name} text {change(c, context[0]):.2f} clip {change(x, x0[0]):.3f}"
@@ -380,7 +384,6 @@ if __name__ == "__main__":
     p.add_argument("--mean-latents", action="store_true",
                    help="train on the posterior means, not samples (for a VAE whose channels are near-constant)")
     p.add_argument("--images", type=int, default=None, help="single frames a step (default: --batch; 0: none)")
-    p.add_argument("--high-noise", type=float, default=0.0, help="share of clips trained at sigma ~ U(0.85, 1)")
     p.add_argument("--frozen-text", action="store_true", help="keep the umT5 at its random init (not trained)")
     p.add_argument("--frame-head", type=float, default=0.0,
                    help="weight of a training-only head on block --sil-block that predicts each token's frame index")
