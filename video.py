@@ -230,7 +230,9 @@ def write_video(path: str, frames: torch.Tensor, fps: float, lossless: bool = Fa
             # palettegen must see all frames before paletteuse emits any: frames come out at the end
             graph = _gif_palette_graph(width, height, 1 / rate)
         else:
-            options = {"qp": "0"} if lossless else {"crf": str(crf)}
+            # mbtree off: libx264's macroblock-tree rate control read memory that differs between
+            # processes, and the same frames came out up to 23 levels apart from run to run
+            options = {"qp": "0"} if lossless else {"crf": str(crf), "x264-params": "mbtree=0"}
             stream = container.add_stream("libx264", rate=rate, options=options)
             stream.pix_fmt = "yuv444p" if lossless else "yuv420p"
             graph = None

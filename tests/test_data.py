@@ -4,6 +4,8 @@ Test clips are drawn here with av: frame i has a flat grey background of level 2
 source index of any output frame can be read back despite compression) and a red square moving right.
 """
 import os
+import subprocess
+import sys
 from fractions import Fraction
 
 import av
@@ -219,6 +221,41 @@ def test_write_read_round_trip(tmp_path, name, lossless, atol):
     back = video_io.read_video(tmp_path / name, 16, 32, 48, 9)
     torch.testing.assert_close(back, frames, atol=atol / 127.5 + 1e-6, rtol=0)
     assert os.listdir(tmp_path) == [name]          # no temp file left behind
+
+
+_WRITE_AFTER_LOADING = """
+import sys, torch
+from model.loader import load_wan
+from video import write_video
+models = load_wan("toy/checkpoint")                 # what sample.py does first: the heap fills up
+with torch.no_grad():
+    models.vae.decode(torch.randn(1, 16, 5, 8, 16))
+del models
+# two panels as sample.py lays them out: a blurry blob moving over a flat background in each
+t = torch.arange(17.0)[:, None, None]
+y, x = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+def panel(background, colour, speed):
+    blob = torch.exp(-((x - 20 - speed * t) ** 2 + (y - 32 - 8 * torch.sin(t / 3)) ** 2) / 60)[:, None]
+    return torch.tensor(background).view(1, 3, 1, 1) * (1 - blob) + torch.tensor(colour).view(1, 3, 1, 1) * blob
+frames = torch.cat([panel([-0.7, -0.4, 0.7], [0.9, 0.0, 0.6], 1.5), torch.ones(17, 3, 64, 2),
+                    panel([0.0, 0.0, 0.0], [0.9, 0.3, 0.5], 1.0)], dim=3)                 # (17, 3, 64, 130)
+frames = frames + 0.02 * torch.randn(frames.shape, generator=torch.Generator().manual_seed(0))
+write_video(sys.argv[1], frames.clamp(-1, 1), 8)
+"""
+
+
+def test_write_is_the_same_in_every_process(tmp_path):
+    """The same frames make the same file in every fresh process. libx264's macroblock-tree rate control
+    read memory that differed between processes: sample.py's videos changed by up to 23 levels from run
+    to run with the same latents (write_video turns it off)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = []
+    for i in range(3):
+        path = tmp_path / f"{i}.mp4"
+        subprocess.run([sys.executable, "-c", _WRITE_AFTER_LOADING, str(path)], cwd=root, check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        files.append(path.read_bytes())
+    assert files[1] == files[0] and files[2] == files[0]
 
 
 def test_write_invalid_frames_leaves_nothing(tmp_path):
