@@ -185,3 +185,32 @@ def test_inflated_vae_starts_frame_by_frame():
         spreads[init] = (float((mean - mean[:, :, :1]).abs().max()), float((video - video[:, :, :1]).abs().max()))
     assert max(spreads["inflate"]) < 1e-4, spreads
     assert min(spreads["pytorch"]) > 1e-2, spreads
+
+
+def test_frame_index_loss_reads_the_dits_token_order():
+    """toy.pretrain's training-only frame head labels tokens frame-major, the order the DiT lays them out in:
+    a latent that differs in frame 2 only changes exactly tokens 2*hw..3*hw-1 of the first block's input."""
+    from toy.pretrain import frame_index_loss
+    torch.manual_seed(0)
+    dit = WanDiT(TOY.dit).eval()
+    seen = []
+    dit.blocks[0].register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    x = torch.zeros(1, TOY.dit.in_dim, 5, 8, 8)
+    bumped = x.clone()
+    bumped[:, :, 2] = 1.0
+    context = torch.zeros(1, 4, TOY.dit.text_dim)
+    with torch.no_grad():
+        dit(x, torch.tensor([500.0]), context), dit(bumped, torch.tensor([500.0]), context)
+    per_frame = seen[0].shape[1] // 5
+    changed = (seen[0] - seen[1]).abs().amax(-1)[0] > 0                           # (L,)
+    assert changed.nonzero().flatten().tolist() == list(range(2 * per_frame, 3 * per_frame))
+    # tokens that carry their frame one-hot in the first 5 channels, frame-major: a head reading those
+    # channels scores ~0, and the same tokens in the other order cost more than guessing (ln 5)
+    frames = torch.arange(5).repeat_interleave(per_frame)
+    tokens = torch.nn.functional.one_hot(frames, 5).float()[None].expand(3, -1, -1)    # (3, L, 5)
+    head = torch.nn.Linear(5, 5)
+    shuffled = torch.nn.functional.one_hot(torch.arange(5).repeat(per_frame), 5).float()[None].expand(3, -1, -1)
+    with torch.no_grad():
+        head.weight.copy_(20 * torch.eye(5)), head.bias.zero_()
+        assert float(frame_index_loss(head, tokens, 5)) < 1e-3
+        assert float(frame_index_loss(head, shuffled, 5)) > 1.61

@@ -140,6 +140,33 @@ def test_text_corpus_covers_captions_and_tokens():
         assert concept.motion_prompt in corpus and all(e.prompt in corpus for e in concept.edits)
 
 
+def test_the_caption_fixes_the_layout():
+    """The motion design's scenes (anchors 'caption') put a lone sprite at the centre and two at opposite
+    corners of their anchor ranges, so a caption fixes where every sprite starts; 'random' (the default)
+    goes anywhere. Every kind of sprite gets placed: none is lost to a corner that rounding puts outside."""
+    generator = torch.Generator().manual_seed(5)
+    scenes = [world.random_scene(generator, anchors="caption") for _ in range(200)]
+    assert {len(s.sprites) for s in scenes} == {1, 2}
+    for scene in scenes:
+        if len(scene.sprites) == 1:
+            assert (scene.sprites[0].x, scene.sprites[0].y) == (0.5, 0.5)
+        else:
+            first, second = scene.sprites          # a quarter pixel inside the corners
+            low_x, _, low_y, _ = world.anchor_range(first)
+            _, high_x, _, high_y = world.anchor_range(second)
+            assert 0 <= first.x - low_x <= 1 / 256 and 0 <= first.y - low_y <= 1 / 256
+            assert 0 <= high_x - second.x <= 1 / 256 and 0 <= high_y - second.y <= 1 / 256
+        # the anchors follow from the words: the same sprites drawn anywhere else get them back
+        moved = tuple(replace(s, x=0.3, y=0.6) for s in scene.sprites)
+        assert tuple(world.caption_anchor(s, i, len(moved)) for i, s in enumerate(moved)) == scene.sprites
+    two = [s for scene in scenes if len(scene.sprites) == 2 for s in scene.sprites]
+    assert any(s.shape == "square" and s.size == "large" and s.motion not in ("still", "pulse") for s in two)
+    lone = [s for s in (world.random_scene(generator) for _ in range(50)) if len(s.sprites) == 1]
+    assert len({(s.sprites[0].x, s.sprites[0].y) for s in lone}) > len(lone) // 2
+    with pytest.raises(ValueError, match="anchors"):
+        world.random_scene(generator, anchors="centre")
+
+
 def test_bad_scenes_are_refused():
     """Scenes the oracle could not read raise: invisible colour, leaving the frame, overlapping, shared colour."""
     with pytest.raises(ValueError, match="stand out"):

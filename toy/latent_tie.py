@@ -73,7 +73,7 @@ def make_tied_vae(a) -> None:
     g = torch.Generator().manual_seed(11)
     clips, covs, scenes = [], [], []
     for _ in range(a.pool):                   # the whole world (held-out looks too), as the VAE's pool
-        scene = world.random_scene(g, "all")
+        scene = world.random_scene(g, "all", anchors="random")
         scenes.append(scene)
         ghosts = [world.Scene((replace(s, colour="white", pattern="plain", colour2=None),), "black")
                   for s in scene.sprites]                                         # one at a time: same colour

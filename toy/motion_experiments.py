@@ -12,7 +12,8 @@ Variants:
   --anchor-p P        frame-anchored clips: in a share P of clips latent frame 0 is given clean
                       (its loss masked), as Diffusion Forcing anchors a frame
   --world W           default | colours-on-black | white-on-backgrounds (the cut-down worlds) | full
-                      (the whole held-in world of toy/world.py: shapes, patterns, two sprites)
+                      (the whole held-in world of toy/world.py: shapes, patterns, two sprites, placed
+                      where the caption puts them) | one-sprite (its one-sprite scenes only)
   --clips N           distinct clips in the cache (default 1000)
   --colours A,B,..    only these sprite colours (with --world colours-on-black: fewer colours)
   --backgrounds A,..  only these solid backgrounds
@@ -58,12 +59,16 @@ from toy import oracle, world  # noqa: E402
 SOLID = ("black", "white", "gray", "blue", "green")
 
 
-WORLD = {"backgrounds": SOLID, "colours": None, "jitter": None, "full": False}
+WORLD = {"backgrounds": SOLID, "colours": None, "jitter": None, "full": False, "one": False}
 
 
 def small_scene(generator: torch.Generator) -> world.Scene:
     if WORLD["full"]:                        # the whole held-in world (shapes, patterns, two sprites)
-        return world.random_scene(generator, "train")
+        return world.random_scene(generator, "train", anchors="caption")
+    if WORLD["one"]:                         # its one-sprite scenes only (the sprite at the centre)
+        while len((scene := world.random_scene(generator, "train", anchors="caption")).sprites) != 1:
+            pass
+        return scene
     while True:
         background = world._pick(WORLD["backgrounds"], generator)
         colours = [c for c in (WORLD["colours"] or world.vocabulary("colour"))
@@ -89,7 +94,8 @@ def small_scene(generator: torch.Generator) -> world.Scene:
 
 def coverage(scene: world.Scene) -> torch.Tensor:
     """(T, 64, 64) in [0, 1]: the sprite's coverage, by rendering it white on black."""
-    ghost = world.Scene(tuple(replace(s, colour="white") for s in scene.sprites), "black")
+    ghost = world.Scene(tuple(replace(s, colour="white", pattern="plain", colour2=None) for s in scene.sprites),
+                        "black")
     v = world.render(ghost).float().mean(-1)                       # (T, H, W) 20..245
     return ((v - 20) / 225).clamp(0, 1)
 
@@ -147,6 +153,7 @@ def setup(a):
         WORLD["backgrounds"] = tuple(a.backgrounds.split(","))
     WORLD["jitter"] = a.jitter
     WORLD["full"] = a.world == "full"
+    WORLD["one"] = a.world == "one-sprite"
     return base, cfg
 
 
@@ -371,7 +378,7 @@ if __name__ == "__main__":
     p.add_argument("--sil-weight", type=float, default=0.0)
     p.add_argument("--sil-block", type=int, default=1)
     p.add_argument("--anchor-p", type=float, default=0.0)
-    p.add_argument("--world", default="default", choices=("default", "colours-on-black", "white-on-backgrounds", "full"))
+    p.add_argument("--world", default="default", choices=("default", "colours-on-black", "white-on-backgrounds", "full", "one-sprite"))
     p.add_argument("--patch", type=int, default=2, choices=(1, 2))
     p.add_argument("--amplitude", type=float, default=10.0)
     p.add_argument("--batch", type=int, default=16, help="clips (and as many single frames) a step")

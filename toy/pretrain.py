@@ -26,6 +26,12 @@ here is PASSIVE, which keeps a shared machine usable but then runs no faster tha
 one thread the recipe takes longer than the 2-hour budget (measured earlier: the VAE part 40 min,
 the DiT 3.6 instead of 5.3 steps/s). docs/toy-model.md lists what else was tried.
 
+The motion design of docs/toy-model.md ("How far the motion design goes") is three flags:
+--anchors caption (each caption fixes where its sprites sit), --clip-shift 3 (clips trained at
+noisier sigmas than images) and --frame-head 1 (a training-only head on block 1 that names each
+token's latent frame, never exported); --vae-from toy/checkpoint reuses the shipped VAE, whose
+recipe they leave unchanged. Use a fresh --run-dir: the cached latents depend on --anchors.
+
 Shapes: B batch, T video frames, F latent frames, H W height/width, z latent channels, S text tokens.
 """
 import argparse
@@ -114,7 +120,7 @@ def cache_latents(args, cfg: WanConfig, deadline: Deadline) -> None:
         if deadline.passed():
             save_atomic(cache, path)
             return
-        scenes = [world.random_scene(generator, "train") for _ in range(8)]    # held-in words only
+        scenes = [world.random_scene(generator, "train", args.anchors) for _ in range(8)]   # held-in words only
         clips = torch.stack([world.to_pixels(world.render(s)) for s in scenes])  # (8, T, 3, H, W)
         clips = clips.permute(0, 2, 1, 3, 4)                                     # (8, 3, T, H, W)
         # The image: one random frame of each clip, encoded alone as a 1-frame video.
@@ -154,12 +160,26 @@ def measured_config(args) -> WanConfig:
 
 # ---------------------------------------------------------------------------- DiT
 
-def flow_step(dit: WanDiT, x0: torch.Tensor, context: torch.Tensor, args,
+def flow_step(dit: WanDiT, x0: torch.Tensor, context: torch.Tensor, shift: float, args,
               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample flow-matching loss (B,) and the sigmas it was drawn at."""
-    sigmas = flow.sample_train_sigmas(x0.shape[0], generator, shift=args.train_shift, mode=args.timesteps)
+    """Per-sample flow-matching loss (B,) and the sigmas it was drawn at (shifted by `shift`)."""
+    sigmas = flow.sample_train_sigmas(x0.shape[0], generator, shift=shift, mode=args.timesteps)
     noise = torch.randn(x0.shape, generator=generator)
     return flow.flow_matching_loss(dit, x0, noise, sigmas, context), sigmas
+
+
+def frame_index_loss(head: torch.nn.Linear, tokens: torch.Tensor, frames: int) -> torch.Tensor:
+    """Cross-entropy of `head` telling each clip token's latent frame from an early block's output.
+
+    tokens (B, L, D) in the DiT's order (frame-major, L = frames x tokens per frame). Training only:
+    the head is never exported. Wan's RoPE is relative, so a token learns where it is in time only
+    from where the sequence ends. With the two other changes of the motion design, asking an early
+    block to say it outright made the DiT draw the motion words on a cut-down world (docs/toy-model.md,
+    "Motion experiments": 32% without the head, 88% and 64% with it).
+    """
+    logits = head(tokens)                                                 # (B, L, frames)
+    index = torch.arange(frames).repeat_interleave(tokens.shape[1] // frames)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), index.repeat(tokens.shape[0]))
 
 
 def train_dit(args, deadline: Deadline) -> None:
@@ -181,11 +201,17 @@ def train_dit(args, deadline: Deadline) -> None:
         stats = WanVAE(cfg.vae)      # only its latent statistics are used: no weights needed
     dit, encoder = WanDiT(cfg.dit), UMT5Encoder(cfg.t5)
     encoder.init_weights()                                 # T5's own init: this umT5 starts from nothing
+    frames = cache["video"].shape[2]                       # latent frames of a clip
+    frame_head, early = None, {}
+    if args.frame_head:                                    # training only (frame_index_loss)
+        frame_head = torch.nn.Linear(cfg.dit.dim, frames)
+        dit.blocks[args.frame_head_block].register_forward_hook(lambda module, inputs, out: early.update(x=out))
     # The umT5 trains jointly with the DiT here and is frozen afterwards: a random frozen encoder
     # would hand the DiT token embeddings with no notion of which colour belongs to which shape
     # (the DiT's cross-attention has no text positions); the real umT5 learned that from text.
     params = list(dit.parameters()) + list(encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=args.dit_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    opt_params = params + (list(frame_head.parameters()) if frame_head else [])
+    opt = torch.optim.AdamW(opt_params, lr=args.dit_lr, betas=(0.9, 0.99), weight_decay=0.01)
     # An exponential moving average of the weights is what gets exported (smoother samples).
     ema = [p.detach().clone() for p in params]
     generator = torch.Generator().manual_seed(args.seed + 4)
@@ -193,6 +219,8 @@ def train_dit(args, deadline: Deadline) -> None:
     if state is not None:
         dit.load_state_dict(state["dit"])
         encoder.load_state_dict(state["t5"])
+        if frame_head:
+            frame_head.load_state_dict(state["frame_head"])
         opt.load_state_dict(state["opt"])
         ema = state["ema"]
         generator.set_state(state["generator"])
@@ -200,6 +228,7 @@ def train_dit(args, deadline: Deadline) -> None:
 
     def save():
         save_atomic({"dit": dit.state_dict(), "t5": encoder.state_dict(), "opt": opt.state_dict(), "ema": ema,
+                     "frame_head": frame_head and frame_head.state_dict(),
                      "generator": generator.get_state(), "step": step}, path)
 
     def batch(moments, ids, mask):
@@ -224,12 +253,15 @@ def train_dit(args, deadline: Deadline) -> None:
         x_video, ids_v, mask_v = batch(cache["video"], video_ids, video_mask)
         x_image, ids_i, mask_i = batch(cache["image"], image_ids, image_mask)
         context = encoder(torch.cat([ids_v, ids_i]), torch.cat([mask_v, mask_i]))   # (2B, S, D)
-        loss_v, sigmas = flow_step(dit, x_video, context[:args.dit_batch], args, generator)
-        loss_i, _ = flow_step(dit, x_image, context[args.dit_batch:], args, generator)
-        loss = loss_v.mean() + loss_i.mean()
+        # --clip-shift > 1 trains clips at noisier sigmas than images, where a path is decided (docs/toy-model.md)
+        loss_v, sigmas = flow_step(dit, x_video, context[:args.dit_batch], args.clip_shift, args, generator)
+        # the frame head reads the clips' pass, before the images' pass overwrites `early`
+        loss_f = frame_index_loss(frame_head, early["x"], frames) if frame_head else torch.zeros(())
+        loss_i, _ = flow_step(dit, x_image, context[args.dit_batch:], args.image_shift, args, generator)
+        loss = loss_v.mean() + loss_i.mean() + args.frame_head * loss_f
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(opt_params, 1.0)
         opt.step()
         with torch.no_grad():
             for average, p in zip(ema, params):
@@ -239,7 +271,8 @@ def train_dit(args, deadline: Deadline) -> None:
         bins[0].index_add_(0, which, loss_v.detach())
         bins[1].index_add_(0, which, torch.ones_like(loss_v))
         log.update(1)
-        log.set_postfix(video=f"{loss_v.mean().item():.3f}", image=f"{loss_i.mean().item():.3f}", refresh=False)
+        log.set_postfix(video=f"{loss_v.mean().item():.3f}", image=f"{loss_i.mean().item():.3f}",
+                        frame=f"{loss_f.item():.3f}", refresh=False)
         if step % 100 == 0:
             per_bin = " ".join(f"{v:.3f}" for v in (bins[0] / bins[1].clamp(min=1)).tolist())
             print(f"dit step {step} lr {lr:.2e} grad norm {grad_norm:.2f} video loss per sigma fifth [{per_bin}]",
@@ -290,6 +323,22 @@ def export(args) -> None:
     print(f"exported the step-{state['step']} {args.weights} weights to {args.out} ({args.dtype})")
 
 
+def adopt_vae(args) -> None:
+    """--vae-from: take an exported checkpoint's VAE as part "vae"'s result instead of training one.
+
+    For retraining the DiT alone when the VAE's recipe has not changed (its clips keep random
+    anchors, toy/pretrain_vae.py); the weights are the exported ones (bf16-rounded by the default
+    export), so the DiT trains on exactly the latents that users' runs will encode.
+    """
+    path = os.path.join(args.run_dir, "vae.pt")
+    if os.path.exists(path):
+        return
+    from model.loader import load_wan
+    vae = load_wan(args.vae_from, parts=("vae",)).vae
+    save_atomic({"vae": vae.float().state_dict(), "step": args.vae_steps, "from": args.vae_from}, path)
+    print(f"vae: taken from {args.vae_from}, not trained")
+
+
 def main(args) -> None:
     torch.set_num_threads(args.threads)
     os.makedirs(args.run_dir, exist_ok=True)
@@ -302,6 +351,8 @@ def main(args) -> None:
         if part == "tokenizer":
             train_tokenizer(args)
         elif part == "vae":
+            if args.vae_from:
+                adopt_vae(args)
             train_vae(args, PRESETS["toy"], deadline)
         elif part == "latents":
             cache_latents(args, PRESETS["toy"], deadline)
@@ -331,11 +382,16 @@ if __name__ == "__main__":
     parser.add_argument("--vae-init", default="inflate", choices=("inflate", "pytorch"),
                         help="inflate: start as an image VAE run frame by frame (pretrain_vae.inflate_init); "
                              "pytorch: PyTorch's default init")
+    parser.add_argument("--vae-from", metavar="CHECKPOINT",
+                        help="take this exported checkpoint's VAE instead of training one (adopt_vae)")
     parser.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the mean KL next to the mean MSE")
     parser.add_argument("--vae-clips", type=int, default=400, help="rendered clips (whole vocabulary) to crop from")
     # ---- latent cache
     parser.add_argument("--num-clips", type=int, default=3000,
                         help="held-in training clips (each also gives one image)")
+    parser.add_argument("--anchors", default="random", choices=("random", "caption"),
+                        help="where the training clips' sprites sit (world.random_scene): anywhere their paths "
+                             "fit, or where their caption puts them (world.caption_anchor)")
     # ---- DiT
     parser.add_argument("--dit-steps", type=int, default=15000, help="DiT optimizer steps")
     parser.add_argument("--dit-batch", type=int, default=16, help="clips per step, plus as many single frames")
@@ -343,7 +399,12 @@ if __name__ == "__main__":
     parser.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions, for CFG")
     parser.add_argument("--timesteps", default="logit_normal", choices=("logit_normal", "uniform"),
                         help="training sigma distribution (model/flow.py)")
-    parser.add_argument("--train-shift", type=float, default=1.0, help="shift applied to the training sigmas")
+    parser.add_argument("--clip-shift", type=float, default=1.0,
+                        help="shift of the clips' training sigmas (noisier: where a path is decided)")
+    parser.add_argument("--image-shift", type=float, default=1.0, help="shift of the single frames' training sigmas")
+    parser.add_argument("--frame-head", type=float, default=0.0,
+                        help="weight of the training-only frame-index loss (frame_index_loss); 0: off")
+    parser.add_argument("--frame-head-block", type=int, default=1, help="the block whose output it reads")
     parser.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights that get exported")
     # ---- export
     parser.add_argument("--out", default="toy/checkpoint", help="diffusers-format output folder")

@@ -67,7 +67,7 @@ def save_part(path: str, vae: WanVAE, opt: torch.optim.Optimizer, generator: tor
 def render_pool(count: int, split: str, seed: int) -> torch.Tensor:
     """(N, T, H, W, 3) uint8 clips of random scenes."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.stack([world.render(world.random_scene(generator, split))
+    return torch.stack([world.render(world.random_scene(generator, split, anchors="random"))
                         for _ in tqdm(range(count), desc=f"render {split} pool")])
 
 

@@ -7,6 +7,12 @@ Runs the three commands with their defaults (the toy model, the first example co
 first edit prompt) as separate processes, the way a user types them, in a fresh run folder
 (no cached latents, text states or prior samples), and prints each wall-clock time next to
 the budget of the toy-world issue: set <= 5 min, sequence <= 5 min, sample <= 1 min.
+
+    python -m toy.time_quickstart --seeds 4                         # then sample seeds 0-3 and score them
+
+--seeds N runs `python sample.py --seed k` for k < N on the same adapter and lets the oracle read
+each video file the way a user would see it: the concept's own prompt (left panel) and the same
+prompt on the gray background (right panel): motion label, colour and background per seed.
 """
 import argparse
 import os
@@ -17,7 +23,11 @@ import sys
 import tempfile
 import time
 
+import av
+import numpy as np
 import torch
+
+from toy import concepts, oracle
 
 BUDGET_S = {"set": 300, "sequence": 300, "sample": 60}
 
@@ -44,6 +54,7 @@ def main(args: argparse.Namespace) -> None:
                     "sample": [python, "sample.py", "--adapter", os.path.join(run, "sequence.safetensors"),
                                "--out", out]}
         times = {name: timed(name, command) for name, command in commands.items()}
+        scores = [score_seed(seed, commands["sample"], out) for seed in range(args.seeds)]
     finally:
         shutil.rmtree(root, ignore_errors=True)
     cpu = platform.processor() or platform.machine()
@@ -56,9 +67,37 @@ def main(args: argparse.Namespace) -> None:
     for name, seconds in times.items():
         verdict = "ok" if seconds <= BUDGET_S[name] else "OVER"
         print(f"| `{shown[name]}` | {seconds:.0f} | <= {BUDGET_S[name]} ({verdict}) |")
+    if scores:
+        concept = next(iter(concepts.CONCEPTS.values()))
+        print(f"\nthe oracle on `python sample.py --seed k` (asked: {concept.sprite.motion}, {concept.sprite.colour})")
+        print("| seed | own prompt: motion, colour right | gray background: motion, colour right, background right |")
+        print("|---|---|---|")
+        for seed, (own, edit) in enumerate(scores):
+            print(f"| {seed} | {own['sprites'][0]['motion']}, {_yes(own['colour_ok'])} | "
+                  f"{edit['sprites'][0]['motion']}, {_yes(edit['colour_ok'])}, {_yes(edit['background_ok'])} |")
+        for name, which in (("own prompt", 0), ("gray background", 1)):
+            right = sum(bool(pair[which]["motion_ok"]) for pair in scores)
+            print(f"{name}: the concept's motion in {right} of {len(scores)} seeds")
+
+
+def _yes(flag) -> str:
+    return "yes" if flag else "no"
+
+
+def score_seed(seed: int, sample: list[str], out: str) -> tuple[dict, dict]:
+    """Sample with noise seed `seed` and score the file's two panels against the first concept's scene
+    and its first edit's (the gray background): what sample.py writes without --prompt."""
+    timed(f"sample --seed {seed}", sample + ["--seed", str(seed)])
+    with av.open(out) as container:
+        video = torch.from_numpy(np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]))
+    size = video.shape[1]                               # (T, H, 2 H + 2, 3): two square panels, a 2 px gap
+    concept = next(iter(concepts.CONCEPTS.values()))
+    return (oracle.score(video[:, :, :size].contiguous(), concept.scene),
+            oracle.score(video[:, :, -size:].contiguous(), concept.edits[0].scene))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", help="run folder to (re)create and keep (default: a temporary one)")
+    parser.add_argument("--seeds", type=int, default=0, help="then sample and score this many noise seeds")
     main(parser.parse_args())

@@ -375,6 +375,16 @@ def _pick(names: tuple[str, ...], generator: torch.Generator) -> str:
     return names[int(torch.randint(len(names), (1,), generator=generator))]
 
 
+def anchor_range(sprite: Sprite) -> tuple[float, float, float, float]:
+    """(low_x, high_x, low_y, high_y): where the sprite's anchor may lie so its whole path stays inside
+    the frame (1 px margin); low > high where it cannot fit at all. Every motion path is symmetric
+    about its anchor, so the range is centred on the frame's centre whenever it is not empty."""
+    x, y, reach = _extent(replace(sprite, x=0.5, y=0.5))
+    margin = 1 / 64
+    return (float(margin - (x - 0.5 - reach).min()), float(1 - margin - (x - 0.5 + reach).max()),
+            float(margin - (y - 0.5 - reach).min()), float(1 - margin - (y - 0.5 + reach).max()))
+
+
 def _random_sprite(generator: torch.Generator, split: str, background: str, taken: tuple[str, ...]) -> Sprite:
     """A sprite whose colours stand out on the background and differ from `taken`, anchored inside the frame."""
     colours = [c for c in vocabulary("colour", split)
@@ -387,19 +397,41 @@ def _random_sprite(generator: torch.Generator, split: str, background: str, take
     sprite = Sprite(shape=_pick(vocabulary("shape", split), generator), colour=colour,
                     size=_pick(tuple(SIZES), generator), motion=_pick(vocabulary("motion", split), generator),
                     pattern=pattern, colour2=colour2)
-    # the anchor range that keeps the whole path inside the frame (1 px margin)
-    x, y, reach = _extent(sprite)
-    margin = 1 / 64
-    low_x, high_x = margin - (x - 0.5 - reach).min(), 1 - margin - (x - 0.5 + reach).max()
-    low_y, high_y = margin - (y - 0.5 - reach).min(), 1 - margin - (y - 0.5 + reach).max()
+    low_x, high_x, low_y, high_y = anchor_range(sprite)
     if low_x > high_x or low_y > high_y:
         return sprite                                          # cannot fit: the caller draws again
     u, w = torch.rand(2, generator=generator).tolist()
-    return replace(sprite, x=float(low_x + u * (high_x - low_x)), y=float(low_y + w * (high_y - low_y)))
+    return replace(sprite, x=low_x + u * (high_x - low_x), y=low_y + w * (high_y - low_y))
 
 
-def random_scene(generator: torch.Generator, split: str = "train") -> Scene:
-    """A random clean scene: one sprite (65%) or two, from the held-in ('train') or whole ('all') vocabulary."""
+def caption_anchor(sprite: Sprite, index: int, count: int) -> Sprite:
+    """The sprite at the place its caption implies: alone, at the frame's centre; of two, the first
+    named at the top-left corner of its anchor range and the second at the bottom-right corner of its own.
+
+    A caption names no position, so with random anchors a model must guess where a path starts,
+    and a sprite off-centre does not say whether it is moving or was placed there. With the place
+    fixed by the words, where the sprite is in each frame is the motion word's doing alone: part of
+    the motion design of docs/toy-model.md ("Motion experiments").
+    """
+    if count == 1:
+        return replace(sprite, x=0.5, y=0.5)
+    low_x, high_x, low_y, high_y = anchor_range(sprite)
+    # a quarter pixel inside the corner, so that float rounding cannot put the path a hair outside
+    inset_x, inset_y = min(1 / 256, (high_x - low_x) / 2), min(1 / 256, (high_y - low_y) / 2)
+    if index == 0:
+        return replace(sprite, x=low_x + inset_x, y=low_y + inset_y)
+    return replace(sprite, x=high_x - inset_x, y=high_y - inset_y)
+
+
+def random_scene(generator: torch.Generator, split: str = "train", anchors: str = "random") -> Scene:
+    """A random clean scene: one sprite (65%) or two, from the held-in ('train') or whole ('all') vocabulary.
+
+    anchors: 'random' puts the sprites anywhere their paths fit (the VAE must encode a sprite anywhere;
+    the shipped DiT was trained on these too); 'caption' where their caption implies (caption_anchor):
+    the motion design's training scenes (toy.pretrain --anchors caption).
+    """
+    if anchors not in ("caption", "random"):
+        raise ValueError(f"anchors must be 'caption' or 'random', got {anchors!r}")
     while True:
         background = _pick(vocabulary("background", split), generator)
         count = 1 if torch.rand(1, generator=generator) < 0.65 else 2
@@ -407,6 +439,8 @@ def random_scene(generator: torch.Generator, split: str = "train") -> Scene:
         for _ in range(20):                                    # rejection sampling: most draws fit
             taken = tuple(c for s in sprites for c in s.colours)
             candidate = _random_sprite(generator, split, background, taken)
+            if anchors == "caption":
+                candidate = caption_anchor(candidate, len(sprites), count)
             if layout_problem(sprites + (candidate,), background) is None:
                 sprites += (candidate,)
             if len(sprites) == count:
