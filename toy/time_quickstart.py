@@ -54,7 +54,8 @@ def main(args: argparse.Namespace) -> None:
                     "sample": [python, "sample.py", "--adapter", os.path.join(run, "sequence.safetensors"),
                                "--out", out]}
         times = {name: timed(name, command) for name, command in commands.items()}
-        scores = [score_seed(seed, commands["sample"], out) for seed in range(args.seeds)]
+        concept = next(iter(concepts.CONCEPTS.values()))          # what sample.py draws without --prompt
+        scores = [score_seed(seed, commands["sample"], out, concept) for seed in range(args.seeds)]
     finally:
         shutil.rmtree(root, ignore_errors=True)
     cpu = platform.processor() or platform.machine()
@@ -68,7 +69,6 @@ def main(args: argparse.Namespace) -> None:
         verdict = "ok" if seconds <= BUDGET_S[name] else "OVER"
         print(f"| `{shown[name]}` | {seconds:.0f} | <= {BUDGET_S[name]} ({verdict}) |")
     if scores:
-        concept = next(iter(concepts.CONCEPTS.values()))
         print(f"\nthe oracle on `python sample.py --seed k` (asked: {concept.sprite.motion}, {concept.sprite.colour})")
         print("| seed | own prompt: motion, colour right | gray background: motion, colour right, background right |")
         print("|---|---|---|")
@@ -84,14 +84,14 @@ def _yes(flag) -> str:
     return "yes" if flag else "no"
 
 
-def score_seed(seed: int, sample: list[str], out: str) -> tuple[dict, dict]:
-    """Sample with noise seed `seed` and score the file's two panels against the first concept's scene
-    and its first edit's (the gray background): what sample.py writes without --prompt."""
+def score_seed(seed: int, sample: list[str], out: str, concept: concepts.Concept) -> tuple[dict, dict]:
+    """Sample with noise seed `seed` and score the file's two panels against the concept's scene and its
+    first edit's (the gray background). av decodes the file as written: read_video would resize the
+    two-panel strip (130 px wide) to a multiple of 16."""
     timed(f"sample --seed {seed}", sample + ["--seed", str(seed)])
     with av.open(out) as container:
         video = torch.from_numpy(np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]))
     size = video.shape[1]                               # (T, H, 2 H + 2, 3): two square panels, a 2 px gap
-    concept = next(iter(concepts.CONCEPTS.values()))
     return (oracle.score(video[:, :, :size].contiguous(), concept.scene),
             oracle.score(video[:, :, -size:].contiguous(), concept.edits[0].scene))
 
