@@ -122,18 +122,12 @@ def composition_pair() -> tuple[str, str]:
 
 
 def composition_scene(pair: tuple[str, ...]):
-    """The two concepts in one clean scene, both small (two large moving sprites cannot share a 64x64
-    frame without touching), on the first concept's own background, anchors from a fixed grid."""
+    """The two concepts in one scene, both small (two large moving sprites cannot share a 64x64 frame
+    without touching), on the first concept's own background, where the toy model puts the two
+    sprites a caption names (world.caption_anchor; Scene checks that the layout is clean)."""
     first, second = (replace(CONCEPTS[name].sprite, size="small") for name in pair)
-    background = CONCEPTS[pair[0]].scene.background
-    grid = [i / 40 for i in range(4, 37)]
-    for x1 in grid:
-        for y1 in grid:
-            for x2, y2 in ((1 - x1, 1 - y1), (1 - x1, y1), (x1, 1 - y1)):
-                sprites = (replace(first, x=x1, y=y1), replace(second, x=x2, y=y2))
-                if world.layout_problem(sprites, background) is None:
-                    return world.Scene(sprites, background)
-    raise RuntimeError(f"no clean layout for {pair} on {background}")
+    return world.Scene((world.caption_anchor(first, 0, 2), world.caption_anchor(second, 1, 2)),
+                       CONCEPTS[pair[0]].scene.background)
 
 
 def composition_prompt(pair: tuple[str, ...], scene) -> str:

@@ -138,10 +138,10 @@ PRESETS: dict[str, WanConfig] = {
         # The real strides (8x spatial, 4x temporal) at 1/6 of Wan's width; latent stats measured by
         # `python -m toy.pretrain --part latents` over the DiT's 3000 training clips + 3000 frames.
         vae=VAEConfig(base_dim=16, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1,
-                      latents_mean=(0.0534, 0.2776, -0.1717, -0.0278, -0.285, 0.1174, -0.2322, 0.1212,
-                                    -0.3542, -0.5496, 0.198, 0.1206, -0.0247, -0.0196, 0.3382, 0.1421),
-                      latents_std=(0.8135, 0.8899, 1.0153, 1.8742, 0.9206, 0.6642, 0.6592, 1.5658,
-                                   1.2484, 1.1616, 0.6341, 0.6111, 1.0509, 0.9177, 0.5532, 1.154)),
+                      latents_mean=(0.0239, 0.2493, -0.177, 0.0208, -0.2506, 0.1353, -0.2254, 0.0605,
+                                    -0.3054, -0.511, 0.1966, 0.1002, -0.0003, 0.0002, 0.3379, 0.1063),
+                      latents_std=(0.8053, 0.8743, 1.0182, 1.8472, 0.9126, 0.6644, 0.663, 1.5433,
+                                   1.2368, 1.156, 0.6369, 0.6076, 1.0369, 0.9233, 0.5548, 1.1315)),
         # A word-level sentencepiece vocabulary (98 pieces) plus T5's 100 sentinel ids.
         t5=T5Config(vocab_size=198, dim=128, num_heads=4, head_dim=32, ffn_dim=256, num_layers=2,
                     text_len=32),

@@ -18,6 +18,7 @@ from model.pipeline import generate_videos, initial_noise
 from model.vae import WanVAE
 from toy import concepts, world
 from toy.evaluate import breakdown, swap_word, word_probe
+from toy.latent_tie import paste
 from toy.pretrain_vae import inflate_init
 
 CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toy", "checkpoint")
@@ -37,6 +38,15 @@ def test_checkpoint_is_the_toy_preset(models):
     size = sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(CHECKPOINT) for name in names)
     assert size < 25 * 2**20, f"toy/checkpoint is {size / 2**20:.1f} MB"
 
+
+def test_paste_probe_gives_a_concept_back_on_its_own_background(models):
+    """The paste probe adds a concept's latent change to empty backgrounds: on its own it is the true
+    change and decodes as its colour; it measures every other background the sprite stands out on."""
+    concept = concepts.CONCEPTS["pink_star_zigzag"]
+    rows = {background: (cos, colour) for background, cos, colour in paste(models.vae, concept.name)}
+    cos, colour = rows[concept.scene.background]
+    assert cos > 0.999 and colour == concept.sprite.colour
+    assert {"gray", "black"} <= set(rows) and all(-1.001 < c < 1.001 for c, _ in rows.values())
 
 def test_captions_fit_text_len(models):
     """No held-in caption or concept prompt is truncated: the longest plus </s> fits text_len."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from toy.world import Scene, Sprite, caption, image_caption, random_scene
+from toy.world import Scene, Sprite, caption, caption_anchor, image_caption, random_scene
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,6 @@ class Concept:
     edit_background: str
     edit_motion: str                           # a held-in motion, for an identity-only prompt
     companion: Sprite                          # the held-in sprite added by the composition edit
-    shifted_anchor: tuple[float, float]        # where the concept moves to make room for it
 
     @property
     def sprite(self) -> Sprite:
@@ -53,8 +52,9 @@ class Concept:
     @property
     def edits(self) -> tuple[Edit, ...]:
         new_background = Scene(self.scene.sprites, self.edit_background)
-        shifted = replace(self.sprite, x=self.shifted_anchor[0], y=self.shifted_anchor[1])
-        composed = Scene((shifted, self.companion), self.scene.background)
+        # two sprites where the toy model puts the two sprites a caption names (world.caption_anchor)
+        composed = Scene((caption_anchor(self.sprite, 0, 2), caption_anchor(self.companion, 1, 2)),
+                         self.scene.background)
         new_motion = Scene((replace(self.sprite, motion=self.edit_motion),), self.scene.background)
         v, u = self.identity_token, self.motion_token
         return (Edit("background", caption(new_background, v, u), new_background),
@@ -67,18 +67,18 @@ CONCEPTS: dict[str, Concept] = {c.name: c for c in (
     Concept("pink_star_zigzag",
             Scene((Sprite("star", "pink", "large", "zigzag"),), "blue"),
             identity_token="dax", motion_token="wug", edit_background="gray", edit_motion="orbit",
-            companion=Sprite("circle", "yellow", "small", "left", x=0.5, y=0.86), shifted_anchor=(0.5, 0.36)),
+            companion=Sprite("circle", "yellow", "small", "left")),
     # held-out colour and pattern on a held-in shape -> "a large blick square"
     Concept("teal_checkered_figure_eight",
             Scene((Sprite("square", "teal", "large", "figure_eight", "checkered", colour2="white"),), "black"),
             identity_token="blick", motion_token="toma", edit_background="red to yellow gradient",
             edit_motion="right",
-            companion=Sprite("diamond", "red", "small", "right", x=0.5, y=0.85), shifted_anchor=(0.5, 0.35)),
+            companion=Sprite("diamond", "red", "small", "right")),
     # held-out shape in a held-in colour -> "a large purple zorp"
     Concept("purple_star_spiral",
             Scene((Sprite("star", "purple", "large", "spiral"),), "white"),
             identity_token="zorp", motion_token="fep", edit_background="green", edit_motion="bounce",
-            companion=Sprite("circle", "blue", "small", "down", x=0.85, y=0.5), shifted_anchor=(0.37, 0.5)),
+            companion=Sprite("circle", "blue", "small", "down")),
 )}
 
 

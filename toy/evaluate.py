@@ -160,7 +160,7 @@ if __name__ == "__main__":
     parser.add_argument("--count", type=int, default=100, help="random held-in captions to sample and score")
     parser.add_argument("--seed", type=int, default=0, help="seeds the scenes and the initial noise")
     parser.add_argument("--batch", type=int, default=25, help="videos sampled at once")
-    parser.add_argument("--anchors", default="random", choices=("random", "caption"),
+    parser.add_argument("--anchors", default="caption", choices=("random", "caption"),
                         help="where the scenes' sprites sit: as the model was trained (toy.pretrain --anchors)")
     parser.add_argument("--reconstruction", action="store_true",
                         help="also score the VAE reconstructions of the true clips (the DiT's ceiling)")

@@ -3,6 +3,7 @@ its latent the same way whatever its colour, and measure that with the latent-sh
 
     python -m toy.latent_tie --out FOLDER [--kind coverage|factors|flat]   # a VAE checkpoint folder
     python -m toy.latent_tie --probe FOLDER                                 # how colour-blind its latent is
+    python -m toy.latent_tie --paste FOLDER                                 # a concept's look on other backgrounds
 
 Kinds (a third loss next to MSE and KL, on the posterior mean):
   coverage  channels 0-3 tied to the sprites' coverage in the 2x2 sub-cells of each latent pixel (the
@@ -25,6 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 from model.loader import load_wan  # noqa: E402
 from model.save import save_diffusers  # noqa: E402
 from toy import world  # noqa: E402
+from toy.concepts import CONCEPTS  # noqa: E402
 from toy.pretrain_vae import reconstruct  # noqa: E402
 
 
@@ -135,6 +137,39 @@ def probe(folder: str) -> None:
         print(f"{name}: cosine min {min(cos):.2f}, mean {sum(cos) / len(cos):.2f}; share of the change {energy:.0%}")
 
 
+@torch.no_grad()
+def paste(vae, name: str) -> list[tuple[str, float, str]]:
+    """Does a concept's look survive a new background in the latent? Its sprite's latent change (frame 0
+    minus the empty background) on its own background, added to another empty background and decoded.
+    Per background where the sprite stands out: (background, cosine with that background's true
+    change (1: the same change), the sprite colour the pasted pixels are nearest). An adapter trained
+    on one video can only learn the first; a prompt naming another background needs it to hold there."""
+    concept = CONCEPTS[name]
+
+    def latent(frame: torch.Tensor) -> torch.Tensor:               # (1, H, W, 3) uint8 -> (z, 1, 8, 8)
+        return vae.encode(world.to_pixels(frame).transpose(0, 1)[None])[0]
+
+    def frames(background: str) -> tuple[torch.Tensor, torch.Tensor]:
+        empty = (world.render_background(background) * 255).round().to(torch.uint8)[None]
+        return world.render(world.Scene(concept.scene.sprites, background), num_frames=1), empty
+
+    drawn, empty = frames(concept.scene.background)
+    change = latent(drawn) - latent(empty)
+    palette = {c: torch.tensor(world.COLOURS[c], dtype=torch.float32) for c in world.vocabulary("colour", "all")}
+    rows = []
+    for background in world.vocabulary("background", "all"):
+        try:
+            drawn, empty = frames(background)
+        except ValueError:                                         # the sprite's colour does not stand out
+            continue
+        cos = F.cosine_similarity((latent(drawn) - latent(empty)).flatten(), change.flatten(), 0).item()
+        pasted = (vae.decode((latent(empty) + change)[None])[0, :, 0].permute(1, 2, 0) + 1) * 127.5
+        inside = (drawn[0].float() - empty[0].float()).abs().sum(-1) > 60                  # the sprite's pixels
+        seen = pasted[inside].mean(0)
+        rows.append((background, cos, min(palette, key=lambda c: float((palette[c] - seen).norm()))))
+    return rows
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="write a tied VAE checkpoint folder here")
@@ -144,10 +179,18 @@ if __name__ == "__main__":
     p.add_argument("--weight", type=float, default=0.1, help="the tie's loss weight next to MSE and KL")
     p.add_argument("--pool", type=int, default=400, help="rendered scenes the tie trains on")
     p.add_argument("--probe", metavar="FOLDER", help="instead: the latent-shift cosines of this checkpoint's VAE")
+    p.add_argument("--paste", metavar="FOLDER", help="instead: a concept's look pasted onto other backgrounds "
+                   "in this checkpoint's latent (paste)")
+    p.add_argument("--concept", default="pink_star_zigzag", help="the concept --paste moves")
     a = p.parse_args()
     if a.probe:
         probe(a.probe)
+    elif a.paste:
+        concept = CONCEPTS[a.concept]
+        print(f"{a.concept}: its sprite's latent change on {concept.scene.background}, pasted onto another background")
+        for background, cos, colour in paste(load_wan(a.paste, parts=("vae",)).vae.eval(), a.concept):
+            print(f"  {background:>24}: cosine {cos:+.2f}, decodes as {colour} (true: {concept.sprite.colour})")
     elif a.out:
         make_tied_vae(a)
     else:
-        p.error("give --out FOLDER (make a tied VAE) or --probe FOLDER")
+        p.error("give --out FOLDER (make a tied VAE), --probe FOLDER or --paste FOLDER")
