@@ -29,7 +29,8 @@ from data import Concept, VideoLatents, cache_latents, cache_text, preview_promp
 from data import prior_latents, prior_prompts, resolve_run, sequence_batches, set_batches, warn_split_tokens
 from lora.export import export_files
 from lora.lora import inject, load_adapter_file, save_adapter, set_stage, trainable_parameters
-from lora.training import DEFAULT_STEPS, learning_rate, load_state, plot_losses, resume_hint, rng_states, save_state
+from lora.training import DEFAULT_STEPS, hyperparameters, learning_rate, load_state, plot_losses, resume_hint
+from lora.training import rng_states, save_state
 from model.checkpoint import weights_fingerprint
 from model.flow import flow_matching_loss, sample_train_sigmas
 from model.loader import DTYPES, add_model_arguments, add_runtime_arguments, load_wan, single_files
@@ -39,19 +40,6 @@ from model.parallel import sum_gradients, sum_values
 from model.pipeline import check_size, generate_latents
 from model.text_encoder import encode_prompts
 from video import VideoError, check_video_size, write_panels
-
-# Training defaults per base model id (a flag given wins). Wan: the paper's values (docs/method.md), its
-# batch of 8 as 1 sample at a time x 8 accumulated. The toy's were measured on the toy world
-# (docs/toy-model.md, "The quick start on the new base"): Adam moves a 128-wide layer far less than a
-# 1536-wide one, hence the larger rate; the paper's prior weight, but lighter DropConnect and no text
-# masking: with the paper's, the concept's own prompt drew its motion in 5 of 8 samples instead of 8 of 8.
-TRAINING_DEFAULTS = {
-    "paper": {"rank": 8, "lr": 1e-4, "batch": 1, "grad_accum": 8, "text_mask": 0.1, "drop_set": 0.8,
-              "drop_sequence": 0.5, "prior_weight": 1.0},
-    "toy": {"rank": 32, "lr": 3e-3, "batch": 8, "grad_accum": 1, "text_mask": 0.0, "drop_set": 0.3,
-            "drop_sequence": 0.2, "prior_weight": 1.0},
-}
-
 
 def main(args: argparse.Namespace) -> str:
     """Check the flags, train in the run folder, and leave no empty folder behind if it fails."""
@@ -95,8 +83,7 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str, ranks
     cache_id = f"{model_id}-{fingerprint}-{args.dtype}"
     cache = lambda name: os.path.join(run_dir, "cache", name)  # noqa: E731
     # Defaults the flags did not set: the paper's for Wan, measured ones for the toy (TRAINING_DEFAULTS).
-    hp = {**TRAINING_DEFAULTS.get(model_id, TRAINING_DEFAULTS["paper"]),
-          **{k: v for k, v in vars(args).items() if k in TRAINING_DEFAULTS["paper"] and v is not None}}
+    hp, defaults_note = hyperparameters(model_id, vars(args))
     drop = {"set": hp["drop_set"], "sequence": hp["drop_sequence"], "single": 0.0}[args.stage]
     drop = drop if args.drop is None else args.drop
 
@@ -175,11 +162,7 @@ def train(args: argparse.Namespace, concepts: list[Concept], run_dir: str, ranks
     optimizer = torch.optim.AdamW(params.values(), lr=hp["lr"], betas=(0.9, 0.99), weight_decay=args.weight_decay)
     micro, accum = hp["batch"], hp["grad_accum"]
     if ranks.main:
-        # a retrained toy whose config is not PRESETS["toy"] gets the paper's defaults: say which apply
-        own = model_id in TRAINING_DEFAULTS
-        values = ", ".join(f"{k} {v}" for k, v in TRAINING_DEFAULTS[model_id if own else "paper"].items())
-        whose = "its own" if own else "the paper's"
-        tqdm.write(f"training defaults for {model_id}: {whose} ({values}); a flag given wins")
+        tqdm.write(defaults_note)
         tqdm.write(f"effective batch {micro * accum * ranks.world} concept samples (micro-batch {micro} x {accum} "
                    f"accumulated x {ranks.world} processes)" + (f" + {args.prior_batch} prior samples"
                                                                  if prior is not None else "") + " per optimizer step")

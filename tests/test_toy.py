@@ -48,6 +48,7 @@ def test_paste_probe_gives_a_concept_back_on_its_own_background(models):
     assert cos > 0.999 and colour == concept.sprite.colour
     assert {"gray", "black"} <= set(rows) and all(-1.001 < c < 1.001 for c, _ in rows.values())
 
+
 def test_captions_fit_text_len(models):
     """No held-in caption or concept prompt is truncated: the longest plus </s> fits text_len."""
     # Held-out words (never in a prompt: the concept tokens replace them) spell out letter by letter.

@@ -14,6 +14,7 @@ import train
 from conftest import moving_square
 from video import read_video, write_video
 from lora.lora import load_adapter_file
+from lora.training import TRAINING_DEFAULTS
 from model.config import PRESETS
 from model.flow import add_noise, flow_loss, velocity_target
 from model.loader import load_wan
@@ -260,7 +261,7 @@ def test_input_side_basis_runs_both_stages(tiny, tmp_path):
 
 def test_rank_defaults_to_the_models_and_the_flag_overrides_it(tiny, tmp_path):
     """--rank unset: the model's training default (the paper's 8 for any model but the toy); --rank wins."""
-    assert train.TRAINING_DEFAULTS["paper"]["rank"] == 8 and train.TRAINING_DEFAULTS["toy"]["rank"] == 32
+    assert TRAINING_DEFAULTS["paper"]["rank"] == 8 and TRAINING_DEFAULTS["toy"]["rank"] == 32
     for extra, rank in (((), 8), (("--rank", "2"), 2)):
         run_dir = tmp_path / f"rank{rank}"
         run_train(tiny, run_dir, "--stage", "set", "--steps", "1", *extra)

@@ -36,7 +36,7 @@ def test_log_plot_and_kept_adapters(tiny, tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "set-log.jsonl")]
     assert [r["step"] for r in records] == list(range(1, 8))
     for r in records:
-        assert r["loss"] == pytest.approx(r["concept"] + r["prior"] * train.TRAINING_DEFAULTS["paper"]["prior_weight"])
+        assert r["loss"] == pytest.approx(r["concept"] + r["prior"] * training.TRAINING_DEFAULTS["paper"]["prior_weight"])
         assert r["grad_norm"] >= 0
     assert records[0]["lr"] < records[1]["lr"] and records[-1]["lr"] < records[2]["lr"]   # warmup, then decay
     assert open(tmp_path / "set-loss.svg").read().startswith("<svg")

@@ -59,6 +59,7 @@ from model import flow
 from model.config import PRESETS, WanConfig
 from model.dit import WanDiT
 from model.files import atomic_path
+from model.loader import load_wan
 from model.text_encoder import Tokenizer, UMT5Encoder
 from model.vae import WanVAE
 from toy import concepts, world
@@ -339,7 +340,6 @@ def adopt_vae(args) -> None:
     path = os.path.join(args.run_dir, "vae.pt")
     if os.path.exists(path):
         return
-    from model.loader import load_wan
     vae = load_wan(args.vae_from, parts=("vae",)).vae
     save_atomic({"vae": vae.float().state_dict(), "step": args.vae_steps, "from": args.vae_from}, path)
     print(f"vae: taken from {args.vae_from}, not trained")

@@ -427,8 +427,8 @@ def random_scene(generator: torch.Generator, split: str = "train", anchors: str 
     """A random clean scene: one sprite (65%) or two, from the held-in ('train') or whole ('all') vocabulary.
 
     anchors: 'random' puts the sprites anywhere their paths fit (the VAE must encode a sprite anywhere;
-    the shipped DiT was trained on these too); 'caption' where their caption implies (caption_anchor):
-    the motion design's training scenes (toy.pretrain --anchors caption).
+    the previous DiT was trained on these too); 'caption' where their caption implies (caption_anchor):
+    the motion design's training scenes (toy.pretrain --anchors caption, the shipped DiT's).
     """
     if anchors not in ("caption", "random"):
         raise ValueError(f"anchors must be 'caption' or 'random', got {anchors!r}")
